@@ -1,0 +1,181 @@
+"""Tokenizers: character-level, word-level (the book's, with <|unk|> and <|endoftext|>) and BPE (tiktoken).
+
+Each one round-trips through `state_dict()` / `tokenizer_from_state()`: a small dict of plain
+containers that travels in `meta.json` and in checkpoints, so a checkpoint alone can sample.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from gptlab.errors import ConfigError, GptlabError
+
+ENDOFTEXT = "<|endoftext|>"
+UNK = "<|unk|>"
+
+
+class Tokenizer(Protocol):
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eot_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class UnknownCharacterError(GptlabError):
+    pass
+
+
+class CharTokenizer:
+    """Vocabulary = the sorted unique characters of the corpus (65 on tiny Shakespeare)."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        if not self.chars:
+            raise ConfigError("a char tokenizer needs at least one character")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def fit(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(seen)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def eot_id(self) -> int | None:
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.stoi})
+            raise UnknownCharacterError(
+                f"the text has {len(unknown)} character(s) outside this model's vocabulary of "
+                f"{self.vocab_size}: {''.join(unknown)!r}; use only characters the model was trained on"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+
+class WordTokenizer:
+    """The word-level tokenizer of *Build a Large Language Model (From Scratch)*, chapter 2."""
+
+    kind = "word"
+    SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
+    # decode: drop the space the join put before punctuation
+    _DETACH = re.compile(r'\s+([,.:;?!"()\'])')
+
+    def __init__(self, words: Iterable[str]):
+        vocab = sorted(set(words) - {ENDOFTEXT, UNK})
+        vocab += [ENDOFTEXT, UNK]
+        self.itos = vocab
+        self.stoi = {w: i for i, w in enumerate(vocab)}
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        return [piece.strip() for piece in cls.SPLIT.split(text) if piece.strip()]
+
+    @classmethod
+    def fit(cls, texts: Iterable[str]) -> WordTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(cls.split(text))
+        return cls(seen)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.stoi[ENDOFTEXT]
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.stoi[UNK]
+        return [self.stoi.get(w, unk) for w in self.split(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._DETACH.sub(r"\1", " ".join(self.itos[i] for i in ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "words": list(self.itos[:-2])}
+
+
+class BPETokenizer:
+    """tiktoken byte-pair encoding by name: gpt2 (default), r50k_base, cl100k_base, o200k_base, ..."""
+
+    kind = "bpe"
+
+    def __init__(self, encoding: str = "gpt2"):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(encoding)
+        except ValueError:
+            raise ConfigError(
+                f"unknown BPE encoding {encoding!r}; choose one of {tiktoken.list_encoding_names()}"
+            ) from None
+        except Exception as e:  # tiktoken downloads the vocabulary on first use
+            raise GptlabError(
+                f"could not load the BPE vocabulary {encoding!r} ({type(e).__name__}: {e}). Offline, point "
+                f"TIKTOKEN_CACHE_DIR at a directory that holds tiktoken's cached files"
+            ) from None
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        # The end-of-text marker is a document separator in corpora and prompts; other special
+        # tokens are encoded as plain text.
+        return self.enc.encode(text, allowed_special={ENDOFTEXT} & self.enc.special_tokens_set)
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoding": self.encoding}
+
+
+TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | WordTokenizer | BPETokenizer:
+    kind = state.get("kind")
+    if kind == "char":
+        return CharTokenizer(state["chars"])
+    if kind == "word":
+        return WordTokenizer(state["words"])
+    if kind == "bpe":
+        return BPETokenizer(state.get("encoding", "gpt2"))
+    raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZERS)}")

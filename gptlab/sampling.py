@@ -1,0 +1,95 @@
+"""Autoregressive generation with a key/value cache, and the next-token rules (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.errors import ConfigError
+
+
+def check_sampling_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k={top_k}: must be >= 1, or null to disable")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p}: must be in (0, 1], or null to disable")
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token id (B, 1) from the last position's logits (B, vocab)."""
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    eot_id: int | None = None,
+) -> torch.Tensor:
+    """Extend `idx` (B, T) by `max_new_tokens` tokens.
+
+    Without a cache every step reruns the model on the last `block_size` tokens. With the cache each
+    step feeds only the newest token. Learned absolute positions mean that once the cache is full
+    the window cannot simply slide: the cache is rebuilt from the last `block_size // 2` tokens (one
+    prefill), after which decoding is incremental again for the next `block_size // 2` tokens.
+    Until the sequence first outgrows `block_size` both paths compute the same logits.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    block = model.config.block_size
+    cache = model.new_cache(idx.size(0)) if use_cache and hasattr(model, "new_cache") else None
+    keep = max(1, block // 2)
+    filled = 0  # tokens of the current window held in the cache
+    try:
+        for step in range(max_new_tokens):
+            if cache is None:
+                logits = model(idx[:, -block:])
+            elif filled == 0 or filled >= block:
+                window = idx[:, -(block if step == 0 else keep):]
+                logits = model(window, cache=cache, pos=0)  # prefill
+                filled = window.size(1)
+            else:
+                logits = model(idx[:, -1:], cache=cache, pos=filled)
+                filled += 1
+            nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            if eot_id is not None and bool((nxt == eot_id).all()):
+                break
+    finally:
+        model.train(was_training)
+    return idx

@@ -1,0 +1,3 @@
+from gptlab.training.module import LanguageModel, OptimConfig
+
+__all__ = ["LanguageModel", "OptimConfig"]

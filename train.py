@@ -1,0 +1,88 @@
+"""Train a language model: `python train.py [experiment=...] [group=option] [key=value ...]`.
+
+Hydra composes conf/train.yaml; everything here is wiring. Returns the final validation loss (the
+value named by `optimized_metric`) so that sweepers (basic, Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gptlab.cli import flat_hparams, install_multirun_ddp_fix, resolve_resume, user_errors
+from gptlab.errors import ConfigError
+from gptlab.training import LanguageModel
+
+
+def instantiate_all(node: DictConfig | None, **kwargs) -> list:
+    """Instantiate every entry of a group like `callbacks` or `logger` that has a `_target_`."""
+    if not node:
+        return []
+    return [hydra.utils.instantiate(v, **kwargs) for v in node.values() if v and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> float | None:
+    ckpt_path, resume_step = resolve_resume(cfg)  # may point paths.output_dir at the resumed run
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    tokenizer = datamodule.tokenizer
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if model_cfg.get("vocab_size") is None:
+        model_cfg["vocab_size"] = tokenizer.vocab_size
+    elif model_cfg["vocab_size"] < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+    module = LanguageModel(
+        model=model_cfg,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        tokenizer=tokenizer.state_dict(),
+        seed=cfg.seed,
+    )
+    if model_cfg.get("init_from"):
+        from gptlab.models.hf import load_pretrained_into
+
+        load_pretrained_into(module.model, model_cfg["init_from"])
+
+    # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
+    loggers = instantiate_all(cfg.get("logger"), **({"purge_step": resume_step} if ckpt_path else {}))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(flat_hparams(cfg), {"hp/best_val_loss": float("nan")})
+    if trainer.is_global_zero:
+        n = module.model.num_params()
+        print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {cfg.paths.output_dir}")
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:  # evaluation only: the validation split's loss and perplexity of the given weights
+        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metric_name = cfg.get("optimized_metric") or "val/loss"
+    metrics = trainer.callback_metrics
+    if metric_name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={metric_name!r} was never logged; logged metrics: {sorted(metrics)}"
+        )
+    value = float(metrics[metric_name])
+    if trainer.is_global_zero:
+        print(f"[gptlab] final {metric_name} = {value:.4f}" + ("" if math.isfinite(value) else " (not finite)"))
+    return value
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    install_multirun_ddp_fix(Path(__file__).resolve())
+    with user_errors():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
