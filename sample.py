@@ -49,8 +49,8 @@ def sample(cfg: DictConfig) -> list[str]:
     device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.ckpt_path)
     model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
-    if cfg.compile:
-        model.compile()
+    if cfg.compile:  # true: the default backend (inductor); a string names another, e.g. aot_eager
+        model.compile(**({"backend": cfg.compile} if isinstance(cfg.compile, str) else {}))
     ids = tokenizer.encode(read_prompt(str(cfg.prompt)))
     if not ids:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]

@@ -13,8 +13,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gptlab.cli import flat_hparams, install_multirun_ddp_fix, resolve_resume, user_errors
-from gptlab.errors import ConfigError
+from gptlab.cli import (
+    describe_vocab,
+    distributed_job,
+    flat_hparams,
+    install_multirun_ddp_fix,
+    resolve_resume,
+    user_errors,
+)
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.training import LanguageModel
 
 
@@ -25,13 +32,29 @@ def instantiate_all(node: DictConfig | None, **kwargs) -> list:
     return [hydra.utils.instantiate(v, **kwargs) for v in node.values() if v and "_target_" in v]
 
 
+def step_intervals(trainer_cfg: DictConfig) -> dict:
+    """`trainer.val_check_interval` counts optimizer steps; Lightning counts training batches, so with
+    gradient accumulation it would validate (and checkpoint) in the middle of an accumulation."""
+    accumulate = trainer_cfg.get("accumulate_grad_batches") or 1
+    interval = trainer_cfg.get("val_check_interval")
+    if accumulate > 1 and isinstance(interval, int) and not isinstance(interval, bool):
+        return {"val_check_interval": interval * accumulate}
+    return {}
+
+
 def train(cfg: DictConfig) -> float | None:
-    ckpt_path, resume_step = resolve_resume(cfg)  # may point paths.output_dir at the resumed run
+    ckpt_path, resume_step, resume_tokenizer = resolve_resume(cfg)  # may point paths.output_dir at that run
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
+    if resume_tokenizer is not None and resume_tokenizer != tokenizer.state_dict():
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} was trained with a different vocabulary ({resume_tokenizer.get('kind')} "
+            f"tokenizer, {describe_vocab(resume_tokenizer)}) than data gives now ({tokenizer.kind}, "
+            f"{tokenizer.vocab_size} tokens); resume with the data config the run was started with"
+        )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if model_cfg.get("vocab_size") is None:
         model_cfg["vocab_size"] = tokenizer.vocab_size
@@ -53,8 +76,10 @@ def train(cfg: DictConfig) -> float | None:
     # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
     loggers = instantiate_all(cfg.get("logger"), **({"purge_step": resume_step} if ckpt_path else {}))
     callbacks = instantiate_all(cfg.get("callbacks"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
+    )
+    for logger in trainer.loggers:  # not `loggers`: fast_dev_run replaces them with a no-op logger
         logger.log_hyperparams(flat_hparams(cfg), {"hp/best_val_loss": float("nan")})
     if trainer.is_global_zero:
         n = module.model.num_params()
@@ -80,7 +105,7 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     install_multirun_ddp_fix(Path(__file__).resolve())
-    with user_errors():
+    with user_errors(run_dir=cfg.paths.output_dir), distributed_job():
         return train(cfg)
 
 

@@ -103,7 +103,7 @@ def test_block_size_larger_than_validation_split(tmp_path):
     small.write_text("abcdefghij" * 50)
     dm = TokenDataModule(path=str(small), data_dir=str(tmp_path), block_size=64)
     with pytest.raises(DataError, match="block_size=64 is larger than the validation split"):
-        dm.setup()
+        dm.prepare_data()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

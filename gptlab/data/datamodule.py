@@ -107,6 +107,13 @@ class TokenDataModule(L.LightningDataModule):
                 verify=self.verify,
                 corpus_root=root,
             )
+            for split, name in (("train", "training"), ("val", "validation")):
+                n = self.prepared.meta["tokens"][split]
+                if n <= self.block_size:
+                    raise DataError(
+                        f"block_size={self.block_size} is larger than the {name} split ({n} tokens); "
+                        f"lower model.block_size or use a bigger corpus / data.val_fraction"
+                    )
 
     @property
     def tokenizer(self):
@@ -122,12 +129,6 @@ class TokenDataModule(L.LightningDataModule):
         self.prepare_data()
         self.train_tokens = self.prepared.tokens("train")
         self.val_tokens = self.prepared.tokens("val")
-        for split, tokens in (("training", self.train_tokens), ("validation", self.val_tokens)):
-            if len(tokens) <= self.block_size:
-                raise DataError(
-                    f"block_size={self.block_size} is larger than the {split} split ({len(tokens)} tokens); "
-                    f"lower model.block_size or use a bigger corpus / data.val_fraction"
-                )
 
     # -- loaders ----------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:

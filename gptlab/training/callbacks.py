@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gptlab.data.tokenizers import tokenizer_from_state
@@ -48,3 +52,53 @@ class TextSample(L.Callback):
                 body = "\n".join("    " + line for line in text.splitlines())
                 # the step Lightning gives this validation's metrics (one less than global_step)
                 logger.experiment.add_text("samples", body, global_step=max(0, trainer.global_step - 1))
+
+
+def _batch_size(batch: Any) -> int:
+    return batch[0].size(0)
+
+
+def _batch_tokens(batch: Any) -> int:
+    return batch[0].numel()
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for token batches: logs `train/device/items_per_sec` (tokens/s per
+    device), `train/items_per_sec` (all devices), `train/device/flops_per_sec` and, when the peak is
+    known, `train/device/mfu` (model FLOPs utilisation); the same under `validate/` for validation.
+
+    FLOPs per token come from the model (`flops_per_token`: 6N + 12 L H Q T for forward and backward,
+    a third of it for validation's forward pass), counted once before any sharding or compiling.
+    Lightning knows the peak FLOP/s of common GPUs (at the training precision); elsewhere (CPUs,
+    unlisted GPUs) give `available_flops`, the peak FLOP/s of one device, to get MFU.
+
+    Args:
+        available_flops: peak FLOP/s of one device; None: Lightning's table (None on CPU: no MFU).
+        window_size: batches in the rolling average (rates appear once the window is full).
+    """
+
+    def __init__(self, available_flops: float | None = None, window_size: int = 50, **kwargs: Any):
+        # lengths count tokens (B x T) per batch, so `items_per_sec` reads as tokens per second
+        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs)
+        self.peak_flops = available_flops
+        self.flops_per_token: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:
+            self.available_flops = float(self.peak_flops)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+        model = getattr(pl_module, "model", None)
+        if self.flops_per_token is None and hasattr(model, "flops_per_token"):
+            # now, while the parameters are whole (FSDP shards them later)
+            self.flops_per_token = float(model.flops_per_token(model.config.block_size))
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        flops = None
+        if self.flops_per_token is not None:
+            flops = self.flops_per_token * _batch_tokens(batch)
+            if not trainer.training:
+                flops /= 3  # forward only: a third of forward + backward
+        # ThroughputMonitor reads the FLOPs of this batch from `flops_per_batch` of the module it is given
+        super()._update(trainer, SimpleNamespace(flops_per_batch=flops), batch, iter_num)

@@ -70,6 +70,8 @@ class LanguageModel(L.LightningModule):
         self.model = build_model(dict(model))
         self.optim = OptimConfig(**(optim or {}))
         self.compile_model = bool(model.get("compile", False))
+        # compile: true uses the default backend (inductor); a string names another (e.g. aot_eager)
+        self.compile_backend = model["compile"] if isinstance(model.get("compile"), str) else "inductor"
         self.seed = seed
         self.val_loss = MeanMetric()
         # progress counters that travel in the checkpoint
@@ -83,7 +85,7 @@ class LanguageModel(L.LightningModule):
         if self.compile_model and not self._compiled:
             # Module.compile() compiles forward in place: the parameters keep their names, so
             # checkpoints carry no `_orig_mod.` prefixes and load into eager or compiled models alike.
-            self.model.compile()
+            self.model.compile(backend=self.compile_backend)
             self._compiled = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

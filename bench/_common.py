@@ -1,0 +1,127 @@
+"""Helpers shared by the benchmarks in bench/: paths, machine info, tables, JSON results.
+
+Imported by the scripts as a sibling module (`python bench/<name>.py` puts bench/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+RESULTS = ROOT / "bench" / "results"
+
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(torch_too: bool = True) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+    if torch_too:
+        import torch
+
+        info.update(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            torch_interop_threads=torch.get_num_interop_threads(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            mkldnn=torch.backends.mkldnn.is_available(),
+            mkl=torch.backends.mkl.is_available(),
+        )
+        try:
+            import lightning
+
+            info["lightning"] = lightning.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    parts = [
+        f"cpu: {info['cpu_model']} ({info['cpu_count']} cpus, {info.get('cpu_affinity')} usable)",
+        f"load avg {info['loadavg_1_5_15'][0]:.2f}" if info.get("loadavg_1_5_15") else "",
+    ]
+    if "torch" in info:
+        parts.append(f"torch {info['torch']} ({info['torch_threads']} threads, {info['cpu_capability']})")
+    line = " | ".join(p for p in parts if p)
+    load = (info.get("loadavg_1_5_15") or [0])[0]
+    if load > 0.5:
+        line += f"\n[bench] WARNING: load average {load:.2f} on {info['cpu_count']} cpus: other work is running, timings are noisy"
+    return line
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table, right-aligned except for the first column."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [fmt(headers), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, mean and spread of a sample (seconds or whatever unit it is in)."""
+    v = sorted(values)
+    if not v:
+        return {"n": 0}
+    q = lambda p: v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]  # noqa: E731
+    return {
+        "n": len(v),
+        "median": statistics.median(v),
+        "mean": statistics.fmean(v),
+        "min": v[0],
+        "p10": q(0.10),
+        "p90": q(0.90),
+        "max": v[-1],
+        "stdev": statistics.stdev(v) if len(v) > 1 else 0.0,
+    }
+
+
+def write_results(name: str, data: dict[str, Any], out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in str(text).split(",") if x.strip()]
