@@ -61,14 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu_quick")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 12; baby is also measured at 64)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 200 cpu_quick, 30 baby)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 200 cpu_quick, 30 baby, 12 baby with batch > 16)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out at the start of each run "
-                   "(default: 20 cpu_quick, 5 baby; raise it with --compile)")
+                   "(default: 20 cpu_quick, 5 baby, 3 baby with batch > 16; raise it with --compile)")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds; each runs both sides once (default: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
-                   help="Lightning precision; the raw loop uses torch.autocast('cpu', bfloat16) for bf16-mixed")
+                   help="Lightning precision; the raw loop uses torch.autocast('cpu', bfloat16, cache_enabled=False) for bf16-mixed, as Lightning does")
     p.add_argument("--num-workers", type=int, default=0, help="dataloader workers on the Lightning side")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU in TFLOP/s (default: estimated with a large matmul)")
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-defaults", action="store_true",
                    help="instead: ms/step of the alternatives to the CPU defaults on cpu_quick (raw loop; "
                         "num_workers through Lightning)")
+    p.add_argument("--no-raw-reseed", action="store_true",
+                   help="leave the per-step torch.manual_seed out of the raw loop (then only Lightning pays it and "
+                        "dropout masks differ, so losses match only for dropout 0, e.g. cpu_quick)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--data-dir", default=None,
                    help="prepared-corpus cache (default: a temporary directory, removed at the end)")
@@ -157,7 +160,7 @@ def step_seed(seed: int, k: int) -> int:
 
 # -- the raw loop -----------------------------------------------------------------------------------
 def run_raw(spec: Spec, steps: int, warmup: int, compile: bool = False, precision: str = "32-true",
-            fused: bool = False) -> dict[str, Any]:
+            fused: bool = False, reseed: bool = True) -> dict[str, Any]:
     from gptlab.data.datasets import TrainBatches
     from gptlab.models import build_model
     from gptlab.training.module import OptimConfig, lr_factor
@@ -179,8 +182,10 @@ def run_raw(spec: Spec, steps: int, warmup: int, compile: bool = False, precisio
     ratio = cfg.min_lr / cfg.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, decay_steps, ratio))
     data = TrainBatches(spec.tokens, spec.block, spec.batch, seed=spec.seed)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" \
-        else contextlib.nullcontext
+    # cache_enabled=False: what Lightning's MixedPrecision plugin passes (and a different value would
+    # make a compiled model recompile when both sides run in one process)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)) \
+        if precision == "bf16-mixed" else contextlib.nullcontext
 
     t_iter, batch_s, losses = [], [], []
     t_start = time.perf_counter()
@@ -189,7 +194,8 @@ def run_raw(spec: Spec, steps: int, warmup: int, compile: bool = False, precisio
         t_iter.append(t0)
         x, y, _ = data.batch(k)
         batch_s.append(time.perf_counter() - t0)
-        torch.manual_seed(step_seed(spec.seed, k))
+        if reseed:
+            torch.manual_seed(step_seed(spec.seed, k))
         opt.zero_grad(set_to_none=True)
         with autocast():
             logits = model(x)
@@ -308,6 +314,12 @@ def data_cost(spec: Spec, n: int) -> dict[str, float]:
     return {"batch_median_s": statistics.median(times), "reseed_median_s": statistics.median(reseed)}
 
 
+def prime(spec: Spec, steps: int, warmup: int, **kwargs) -> None:
+    """A short untimed raw run first, so that one-off costs of the process (lazy initialisation, first
+    page faults on the token file, loading compiled kernels) do not land on the first timed run."""
+    run_raw(spec, min(steps, warmup + 2), warmup, **kwargs)
+
+
 def quiet_lightning() -> None:
     import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import: import first, then override)
 
@@ -331,13 +343,14 @@ def abba(rounds: int, a: str, b: str) -> list[str]:
 
 
 # -- the main comparison ----------------------------------------------------------------------------
-def compare(args, spec: Spec, steps: int, warmup: int, info: dict) -> dict[str, Any]:
+def compare(args, spec: Spec, steps: int, warmup: int) -> dict[str, Any]:
     threads = torch.get_num_threads()
     print(
         f"[bench] preset {spec.preset}: {spec.model_cfg['n_layer']} layers / {spec.model_cfg['n_head']} heads / "
         f"{spec.model_cfg['n_embd']}, block {spec.block}, batch {spec.batch}, {spec.params:,} params, "
         f"dropout {spec.model_cfg['dropout']}; precision {args.precision}, compile {'on' if args.compile else 'off'}, "
-        f"{threads} threads; {steps} steps per run, first {warmup} left out, {args.rounds} ABBA round(s)"
+        f"{threads} threads; {steps} steps per run, first {warmup} left out, {args.rounds} ABBA round(s); raw loop "
+        f"{'without' if args.no_raw_reseed else 'with'} the per-step reseed"
     )
     init_ok = same_init(spec)
     print(f"[bench] same initial weights on both sides: {init_ok}")
@@ -352,10 +365,12 @@ def compare(args, spec: Spec, steps: int, warmup: int, info: dict) -> dict[str, 
     print(f"[bench] peak {peak / 1e12:.3f} TFLOP/s, {peak_how}")
 
     dc = data_cost(spec, args.data_steps)
+    prime(spec, steps, warmup, compile=args.compile, precision=args.precision)
     runs = {"raw": [], "lightning": []}
     for side in abba(args.rounds, "raw", "lightning"):
         if side == "raw":
-            r = run_raw(spec, steps, warmup, compile=args.compile, precision=args.precision)
+            r = run_raw(spec, steps, warmup, compile=args.compile, precision=args.precision,
+                        reseed=not args.no_raw_reseed)
         else:
             r = run_lightning(spec, steps, warmup, compile=args.compile, precision=args.precision,
                               num_workers=args.num_workers)
@@ -414,8 +429,9 @@ def compare(args, spec: Spec, steps: int, warmup: int, info: dict) -> dict[str, 
           f"(standalone {dc['batch_median_s'] * 1e3:.3f} ms/batch)")
     print(f"Lightning between steps (dataloader next + hooks + logging + scheduler): {between_ms:.3f} ms = "
           f"{between_ms / lit_ms * 100:.2f}% of its step")
-    print(f"per-step reseed (as LanguageModel.on_train_batch_start; done on both sides): "
-          f"{dc['reseed_median_s'] * 1e3:.3f} ms")
+    print(f"per-step reseed (LanguageModel.on_train_batch_start: SeedSequence + torch.manual_seed): "
+          f"{dc['reseed_median_s'] * 1e3:.3f} ms = {dc['reseed_median_s'] * 1e3 / lit_ms * 100:.2f}% of a Lightning step; "
+          + ("Lightning side only (--no-raw-reseed)" if args.no_raw_reseed else "done on both sides"))
     print(f"loss check (first round): max |loss_raw - loss_lightning| over {len(la)} steps = {loss_diff:.3g}")
     print(f"MFU = {spec.flops_per_token:,} FLOPs/token (model.flops_per_token({spec.block})) x tokens/s / "
           f"{peak / 1e12:.3f} TFLOP/s ({'estimated' if not args.peak_tflops else 'given'})")
@@ -447,6 +463,7 @@ def compare(args, spec: Spec, steps: int, warmup: int, info: dict) -> dict[str, 
             "lightning_between_steps_ms": between_ms,
             "lightning_between_steps_pct": between_ms / lit_ms * 100,
             "reseed_ms": dc["reseed_median_s"] * 1e3,
+            "reseed_in_raw_loop": not args.no_raw_reseed,
         },
         "max_abs_loss_diff_first_round": loss_diff,
     }
@@ -460,7 +477,7 @@ def sweep(args, spec: Spec, steps: int, warmup: int) -> dict[str, Any]:
         ("baseline", "raw", {}, None, f"AdamW foreach, eager, fp32, {base_threads} threads"),
         ("adamw fused", "raw", {"fused": True}, None, "AdamW(fused=True) instead of foreach"),
         ("compile", "raw", {"compile": True}, None, "model.compile()"),
-        ("bf16 autocast", "raw", {"precision": "bf16-mixed"}, None, "torch.autocast('cpu', bfloat16)"),
+        ("bf16 autocast", "raw", {"precision": "bf16-mixed"}, None, "torch.autocast('cpu', bfloat16, cache_enabled=False)"),
         ("threads=1", "raw", {}, 1, "torch.set_num_threads(1)"),
         ("threads=2", "raw", {}, 2, "torch.set_num_threads(2)"),
         ("lightning num_workers=0", "lightning", {"num_workers": 0}, None, "baseline of the num_workers pair"),
@@ -468,6 +485,7 @@ def sweep(args, spec: Spec, steps: int, warmup: int) -> dict[str, Any]:
     ]
     print(f"[bench] sweep of CPU defaults on cpu_quick (batch {spec.batch}): {steps} steps per run, first {warmup} "
           f"left out, {args.rounds} round(s), order reversed every other round")
+    prime(spec, steps, warmup)
     times: dict[str, list[float]] = {v[0]: [] for v in variants}
     errors: dict[str, str] = {}
     for r in range(args.rounds):
@@ -504,7 +522,7 @@ def sweep(args, spec: Spec, steps: int, warmup: int) -> dict[str, Any]:
     rows.append(["sdpa vs manual attn", "-", "n/a", "", "skipped: gptlab's GPT has only the SDPA path"])
     results.append({"variant": "sdpa vs manual attention", "skipped": "gptlab's GPT has only the SDPA path"})
     print()
-    print(C.table(["variant", "path", "ms/step (median)", "x baseline", "change"], rows))
+    print(C.table(["variant", "path", "ms/step (median)", "x baseline", "change"], rows, left=(0, 1, 4)))
     print("x baseline: raw rows vs 'baseline', lightning rows vs 'lightning num_workers=0' (lower is faster)")
     return {"preset": "cpu_quick", "batch_size": spec.batch, "steps": steps, "warmup": warmup,
             "base_threads": base_threads, "variants": results}
@@ -517,6 +535,8 @@ def main(argv=None) -> dict:
     quiet_lightning()
     preset = "cpu_quick" if args.sweep_defaults else args.preset
     _, _, default_steps, default_warmup = PRESETS[preset]
+    if preset == "baby" and (args.batch or 12) > 16:
+        default_steps, default_warmup = 12, 3  # batch 64: several seconds per step on a small CPU
     steps = args.steps or default_steps
     warmup = args.warmup if args.warmup is not None else default_warmup
     if steps < warmup + 2:
@@ -532,7 +552,7 @@ def main(argv=None) -> dict:
             data["sweep"] = sweep(args, spec, steps, warmup)
             name = "train_throughput-sweep"
         else:
-            data["result"] = compare(args, spec, steps, warmup, info)
+            data["result"] = compare(args, spec, steps, warmup)
             name = f"train_throughput-{preset}-b{spec.batch}-{args.precision}" + ("-compile" if args.compile else "")
         data["machine_after"] = {"loadavg_1_5_15": C.machine_info(torch_too=False)["loadavg_1_5_15"]}
     finally:

@@ -19,7 +19,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,32 +266,32 @@ def prepare_corpus(
     try:
         writer = _TokenWriter(tmp, dtype, split_at=int(n_chars * (1.0 - val_fraction)))
         threads = num_threads or min(8, os.cpu_count() or 1)
-        batch: list[tuple[str, str]] = []
-
-        def flush() -> None:
-            if kind == "bpe":
-                ids = tok.encode_ordinary_batch([t for _, t in batch], num_threads=threads)
-            elif kind == "char":
-                ids = [_encode_char(tok, t) for _, t in batch]
-            else:
-                ids = [tok.encode(t) for _, t in batch]
-            for (split, _), piece_ids in zip(batch, ids):
-                writer.write(split, piece_ids)
-            batch.clear()
-
+        if kind == "bpe":
+            encode = lambda text: np.asarray(tok.enc.encode_ordinary(text), dtype=dtype)  # noqa: E731
+        elif kind == "char":
+            encode = lambda text: _encode_char(tok, text)  # noqa: E731
+        else:
+            encode = tok.encode
+        # A pipeline: worker threads encode chunks (tiktoken releases the GIL) while this thread
+        # reads the next ones and writes finished ones in order; a bounded window keeps memory flat.
+        in_flight: deque[tuple[str, Future]] = deque()
         progress, task = _progress(total_bytes, f"tokenizing ({tok_key})")
-        with progress:
+        with progress, ThreadPoolExecutor(max_workers=threads) as pool:
             for text, nbytes in _iter_text(files, separator):
-                if text == separator and kind == "bpe":
-                    flush()  # keep document order: the separator is a special token, written directly
-                    for split, _ in writer.pieces(text):
-                        writer.write(split, [tok.eot_id])
+                pieces = writer.pieces(text)
+                if kind == "bpe" and text is separator:  # one special token, not text to encode
+                    done: Future = Future()
+                    done.set_result([tok.eot_id])
+                    in_flight.append((pieces[0][0], done))
                 else:
-                    batch.extend(writer.pieces(text))
-                    if len(batch) >= 2 * threads:
-                        flush()
+                    in_flight.extend((split, pool.submit(encode, piece)) for split, piece in pieces)
+                while len(in_flight) > 2 * threads:
+                    split, future = in_flight.popleft()
+                    writer.write(split, future.result())
                 progress.advance(task, nbytes)
-            flush()
+            while in_flight:
+                split, future = in_flight.popleft()
+                writer.write(split, future.result())
         writer.close()
         meta = {
             "format": FORMAT_VERSION,

@@ -1,0 +1,156 @@
+"""Multi-process data parallel training on CPU (gloo): `trainer=ddp_cpu trainer.devices=2`, alone and
+inside a Hydra multirun."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from gptlab.data import TokenDataModule
+from gptlab.training.module import lr_factor
+
+from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script, train_args
+
+pytestmark = pytest.mark.slow
+
+B, T = 8, 32  # TINY's data.batch_size and model.block_size
+PROBE = ["+callbacks.probe._target_=rank_probe.RankProbe"]
+PROBE_ENV = {"PYTHONPATH": str(ROOT / "tests")}
+
+
+def probes(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for f in sorted(run_dir.glob("probe_rank*.json")):
+        record = json.loads(f.read_text())
+        out[record["global_rank"]] = record
+    return out
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    proc = run_script(
+        "train.py",
+        train_args(
+            run_dir,
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "optim.warmup_steps=2",
+            *PROBE,
+        ),
+        data_dir,
+        **PROBE_ENV,
+    )
+    return run_dir, proc.stdout + proc.stderr
+
+
+def test_ddp_ranks_draw_different_windows(ddp_run, data_dir):
+    run_dir, _ = ddp_run
+    ranks = probes(run_dir)
+    assert sorted(ranks) == [0, 1]
+    assert all(r["world_size"] == 2 for r in ranks.values())
+    # 4 optimizer steps x 2 accumulated micro-batches on each rank
+    assert [len(r["batches"]) for r in ranks.values()] == [8, 8]
+    for k in range(8):
+        assert ranks[0]["batches"][k] != ranks[1]["batches"][k], f"both ranks trained on the same batch {k}"
+    # ... and they are exactly the windows the data module gives each rank
+    dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=str(data_dir), block_size=T, batch_size=B, seed=1337)
+    dm.setup("fit")
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dataset = dm.train_dataset()
+        for k in (0, 7):
+            assert dataset.batch(k)[0].tolist() == ranks[rank]["batches"][k]
+
+
+def test_ddp_only_rank_zero_writes(ddp_run):
+    run_dir, output = ddp_run
+    assert len(event_files(run_dir)) == 1, event_files(run_dir)
+    assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []  # no version_1 etc.
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["best-step000004.ckpt", "last.ckpt"], ckpts
+    assert not list(run_dir.rglob("lightning_logs"))
+    assert output.count("[gptlab] final val/loss") == 1
+    assert output.count("[gptlab] gpt with") == 1
+
+
+def test_ddp_global_batch_and_lr_schedule(ddp_run):
+    run_dir, _ = ddp_run
+    scalars = read_scalars(run_dir / "tensorboard")
+    # global batch: batch_size x devices x accumulate windows of block_size tokens per optimizer step
+    tokens = dict(scalars["train/tokens"])
+    assert tokens[3] == 4 * B * T * 2 * 2
+    assert tokens[0] == B * T * 2 * 2
+    # the LR follows the schedule of optimizer steps (warmup 2, cosine to min_lr at max_steps=4)
+    lrs = dict(scalars["lr/decay"])
+    assert sorted(lrs) == [0, 1, 2, 3]
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * lr_factor(step, 2, 4, 0.1), rel=1e-5)
+    # validation every 2 optimizer steps, the validation loss averaged over both ranks' shards
+    assert [s for s, _ in scalars["val/loss"]] == [1, 3]
+    assert all(math.isfinite(v) for _, v in scalars["val/loss"])
+
+
+def test_ddp_checkpoint_loads_and_samples(ddp_run, data_dir):
+    run_dir, _ = ddp_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["gptlab"]["tokens_seen"] == 4 * B * T * 2 * 2
+    proc = run_script(
+        "sample.py",
+        [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "max_new_tokens=10", "num_samples=1", "prompt=ROMEO:"],
+        data_dir,
+    )
+    assert proc.stdout.startswith("ROMEO:")
+
+
+def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        "-m",
+        f"data.path={SHAKESPEARE}",
+        *TINY,
+        f"hydra.sweep.dir={sweep_dir}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "optim.lr=1e-3,2e-3",
+        *PROBE,
+    ]
+    proc = run_script("train.py", args, data_dir, **PROBE_ENV)
+    output = proc.stdout + proc.stderr
+    # one sweep of two jobs: the relaunched ranks started no sweeps of their own
+    assert output.count("Launching 2 jobs locally") == 1
+    assert len(re.findall(r"\t#0 : ", output)) == 1 and len(re.findall(r"\t#1 : ", output)) == 1
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert not list(sweep_dir.glob("*/multirun.yaml"))
+    for job, lr in (("0", 1e-3), ("1", 2e-3)):
+        job_dir = sweep_dir / job
+        assert (job_dir / "checkpoints" / "last.ckpt").is_file()
+        assert len(event_files(job_dir)) == 1
+        hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert hydra_cfg["job"]["num"] == int(job)
+        assert f"optim.lr={lr}" in hydra_cfg["overrides"]["task"]
+        # both ranks of the job trained with the job's own config
+        ranks = probes(job_dir)
+        assert sorted(ranks) == [0, 1]
+        assert [r["initial_lr"] for r in ranks.values()] == [lr, lr]
+        assert [r["global_step"] for r in ranks.values()] == [2, 2]
+        assert json.loads(json.dumps(ranks[0]["batches"])) != ranks[1]["batches"]
+        ckpt = torch.load(job_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["hyper_parameters"]["optim"]["lr"] == lr
