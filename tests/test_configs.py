@@ -3,26 +3,20 @@ and debug config trains a couple of steps in-process with a tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data import TokenDataModule
 from gptlab.models import model_config
 from gptlab.models.gpt import Block
 
-from conftest import ROOT, SHAKESPEARE
-
-CONF = ROOT / "conf"
+from conftest import SHAKESPEARE
+from inprocess import CONF, compose_config, run_train
 
 
 def options(group: str) -> list[str]:
@@ -30,22 +24,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_cfg)
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("gptlab_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _clear_hydra():
-    yield
-    GlobalHydra.instance().clear()
+    return compose_config(overrides, hydra_cfg=hydra_cfg)
 
 
 # -- composition -------------------------------------------------------------------------------------
@@ -150,6 +129,20 @@ def test_experiment_presets_compose():
     assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.weight_decay == 0.1
 
 
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_and_instantiates(name, data_dir, tmp_path):
+    cfg = compose_train([f"experiment={name}", f"data.path={SHAKESPEARE}", f"paths.data_dir={data_dir}",
+                         f"paths.output_dir={tmp_path}"])
+    assert cfg.task_name == name.replace("finetune_shakespeare", "finetune")
+    assert isinstance(hydra.utils.instantiate(cfg.data), TokenDataModule)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model_config({**model, "vocab_size": model.get("vocab_size") or 50257})
+    if cfg.trainer.accelerator == "cpu":
+        hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    elif "strategy" in cfg.trainer:
+        hydra.utils.instantiate(cfg.trainer.strategy)
+
+
 @pytest.mark.parametrize("name", options("debug"))
 def test_debug_configs_compose_over_an_experiment(name):
     cfg = compose_train(["experiment=gpt2_124m", f"debug={name}"])
@@ -177,6 +170,7 @@ RUNS = {
     "experiment=shakespeare_char_cpu": [],
     "experiment=shakespeare_bpe": ["trainer=cpu"],
     "experiment=gpt2_124m": ["trainer=cpu", "trainer.devices=1", "trainer.accumulate_grad_batches=2"],
+    "experiment=finetune_shakespeare": ["trainer=cpu", "model.init_from=null", "trainer.accumulate_grad_batches=2"],
     "debug=default": [],
     "debug=fdr": [],
     "debug=overfit": ["trainer.max_steps=4", "trainer.check_val_every_n_epoch=2", "trainer.val_check_interval=null"],
@@ -184,20 +178,10 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    return load_train_module()
-
-
 @pytest.mark.parametrize("choice", list(RUNS))
-def test_preset_trains_a_few_steps(choice, train_script, tmp_path, data_dir):
+def test_preset_trains_a_few_steps(choice, tmp_path, data_dir):
     overrides = [choice, f"data.path={SHAKESPEARE}", f"paths.data_dir={data_dir}", *TINY_MODEL, *QUICK, *RUNS[choice]]
-    cfg = compose_train(overrides, hydra_cfg=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.log_dir = str(tmp_path)
-    value = train_script.train(cfg)
+    value = run_train(overrides, tmp_path)
     assert value is not None and math.isfinite(value)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else []
     if choice == "debug=fdr":  # fast_dev_run: no TensorBoard run, no checkpoint, still a validation loss

@@ -431,8 +431,8 @@ def test_finetune_experiment_config():
     assert cfg.data.tokenizer == "bpe" and cfg.data.batch_size == 1
     assert cfg.optim.lr == cfg.optim.min_lr == 3e-5 and cfg.optim.warmup_steps == 0
     assert cfg.trainer.max_steps == 20 and cfg.trainer.accumulate_grad_batches == 32
-    # Lightning counts val_check_interval in micro-batches: every 5 optimizer steps
-    assert cfg.trainer.val_check_interval == 5 * cfg.trainer.accumulate_grad_batches
+    # train.py counts val_check_interval in optimizer steps (Lightning's micro-batches = 5 x 32)
+    assert cfg.trainer.val_check_interval == 5
 
 
 def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from gptlab.checkpoint import COMPILE_PREFIX, load_checkpoint, model_from_checkp
 from gptlab.models import build_model
 from gptlab.training.module import lr_factor
 
-from conftest import read_scalars, run_script, train_args
+from conftest import SHAKESPEARE, TINY, read_scalars, run_script, train_args
+from inprocess import run_sample, run_train
 
 B, T = 8, 32  # TINY's data.batch_size and model.block_size
 TINY_MODEL = dict(arch="gpt", vocab_size=65, block_size=T, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -120,28 +121,26 @@ def test_throughput_and_mfu_scalars(bf16_accum_run):
     assert dict(scalars["train/lengths"])[5] == 12 * B * T
 
 
-@pytest.mark.slow
 def test_compiled_training_checkpoint_loads_uncompiled_and_samples(tmp_path, data_dir):
     """model.compile=<backend> compiles in place; aot_eager traces forward and backward like inductor
-    but skips its C++ code generation (a minute per model on a small CPU)."""
-    run_dir = tmp_path / "run"
-    run_script(
-        "train.py",
-        train_args(run_dir, "trainer=cpu", "model.compile=aot_eager", "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=4"),
-        data_dir,
+    but skips its C++ code generation (a minute per model on a small CPU). In-process: train.train and
+    sample.sample on composed configs."""
+    value = run_train(
+        [f"data.path={SHAKESPEARE}", f"paths.data_dir={data_dir}", *TINY, "trainer=cpu", "model.compile=aot_eager",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=4"],
+        tmp_path,
     )
-    scalars = read_scalars(run_dir / "tensorboard")
-    assert all(math.isfinite(v) for _, v in scalars["val/loss"])
-    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    assert math.isfinite(value)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["hyper_parameters"]["model"]["compile"] == "aot_eager"
     assert not [k for k in ckpt["state_dict"] if COMPILE_PREFIX in k]
     model, _ = model_from_checkpoint(ckpt, ckpt_path)  # strict load into an eager model
     assert not hasattr(model, "_orig_mod")
     # sample.py compiles the loaded model too (compile=true would use inductor)
-    proc = run_script("sample.py", [f"ckpt_path={ckpt_path}", "compile=eager", "max_new_tokens=5", "num_samples=1",
-                                    "prompt=KING:"], data_dir)
-    assert proc.stdout.startswith("KING:")
+    texts = run_sample([f"ckpt_path={ckpt_path}", "compile=eager", "max_new_tokens=5", "num_samples=1",
+                        "prompt=KING:", "device=cpu"])
+    assert len(texts) == 1 and texts[0].startswith("KING:") and len(texts[0]) == len("KING:") + 5
 
 
 @pytest.mark.skipif(not os.environ.get("GPTLAB_TEST_INDUCTOR"), reason="set GPTLAB_TEST_INDUCTOR=1: inductor "

@@ -1,0 +1,64 @@
+"""Run train.py's `train(cfg)` and sample.py's `sample(cfg)` inside the test process from a config
+composed as Hydra composes it (a subprocess costs seconds of imports on a small CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(overrides: list[str], config_name: str = "train", hydra_cfg: bool = False) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@cache
+def script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"gptlab_script_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def kept_environ() -> Iterator[None]:
+    """Lightning leaves PL_GLOBAL_SEED and the like in os.environ; later subprocesses should not see them."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_train(overrides: list[str], output_dir: Path) -> float | None:
+    """train.train(cfg) with the run directory `output_dir`, as `python train.py <overrides>` would run it."""
+    cfg = compose_config(overrides, hydra_cfg=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main passes it: the Hydra node lives in HydraConfig
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+    with kept_environ():
+        return script("train").train(cfg)
+
+
+def run_sample(overrides: list[str]) -> list[str]:
+    return script("sample").sample(compose_config(overrides, config_name="sample"))
