@@ -7,6 +7,7 @@ value named by `optimized_metric`) so that sweepers (basic, Optuna) can optimise
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import hydra
@@ -86,7 +87,11 @@ def train(cfg: DictConfig) -> float | None:
         print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {cfg.paths.output_dir}")
 
     if cfg.get("train", True):
+        started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            print(f"[gptlab] fit: {trainer.global_step - resume_step} steps in {time.perf_counter() - started:.1f}s, "
+                  f"of which validation {module.validation_seconds:.1f}s")
     else:  # evaluation only: the validation split's loss and perplexity of the given weights
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

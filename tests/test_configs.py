@@ -113,7 +113,13 @@ def test_experiment_presets_compose():
 
     cfg = compose_train(["experiment=shakespeare_char_cpu"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (4, 4, 128, 64)
-    assert cfg.trainer.accelerator == "cpu" and cfg.data.batch_size == 12 and cfg.trainer.max_steps == 2000
+    assert cfg.trainer.accelerator == "auto" and cfg.data.batch_size == 24 and cfg.trainer.max_steps == 1000
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (3e-3, 3e-4, 50)
+    # `python train.py` with no arguments is this recipe
+    assert compose_train([]) == cfg
+
+    cfg = compose_train(["experiment=shakespeare_char_cpu_long"])
+    assert cfg.model.n_layer == 4 and cfg.trainer.max_steps > 1000 and cfg.task_name == "shakespeare_char_cpu_long"
 
     cfg = compose_train(["experiment=shakespeare_bpe"])
     assert cfg.data.tokenizer == "bpe" and cfg.model.n_layer <= 6
@@ -133,7 +139,9 @@ def test_experiment_presets_compose():
 def test_every_experiment_composes_and_instantiates(name, data_dir, tmp_path):
     cfg = compose_train([f"experiment={name}", f"data.path={SHAKESPEARE}", f"paths.data_dir={data_dir}",
                          f"paths.output_dir={tmp_path}"])
-    assert cfg.task_name == name.replace("finetune_shakespeare", "finetune")
+    # the default experiment keeps the default task name, so `python train.py` writes to outputs/train/
+    expected = {"finetune_shakespeare": "finetune", "shakespeare_char_cpu": "train"}.get(name, name)
+    assert cfg.task_name == expected
     assert isinstance(hydra.utils.instantiate(cfg.data), TokenDataModule)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model_config({**model, "vocab_size": model.get("vocab_size") or 50257})
@@ -168,6 +176,7 @@ QUICK = [
 RUNS = {
     "experiment=shakespeare_char": ["trainer=cpu"],
     "experiment=shakespeare_char_cpu": [],
+    "experiment=shakespeare_char_cpu_long": [],
     "experiment=shakespeare_bpe": ["trainer=cpu"],
     "experiment=gpt2_124m": ["trainer=cpu", "trainer.devices=1", "trainer.accumulate_grad_batches=2"],
     "experiment=finetune_shakespeare": ["trainer=cpu", "model.init_from=null", "trainer.accumulate_grad_batches=2"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,8 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = 0
         self.micro_step = 0  # micro-batches trained on (optimizer steps x accumulation)
         self.best_val_loss = float("inf")
+        self.validation_seconds = 0.0  # wall-clock spent validating (reported by train.py)
+        self._validation_started = 0.0
         self._compiled = False
         # which parameters are matrices, decided now: FSDP later turns them into flat 1-D shards
         self._matrix_params = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
@@ -134,12 +137,16 @@ class LanguageModel(L.LightningModule):
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
 
+    def on_validation_epoch_start(self) -> None:
+        self._validation_started = time.perf_counter()
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].size(0))
 
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()  # averaged over all windows and all ranks
         self.val_loss.reset()
+        self.validation_seconds += time.perf_counter() - self._validation_started
         if self.trainer.sanity_checking:
             return
         self.best_val_loss = min(self.best_val_loss, float(value))
