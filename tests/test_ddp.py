@@ -50,6 +50,8 @@ def ddp_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
             "trainer.max_steps=4",
             "trainer.val_check_interval=2",
             "optim.warmup_steps=2",
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-4",
             *PROBE,
         ),
         data_dir,

@@ -54,6 +54,8 @@ def bf16_accum_run(tmp_path_factory, data_dir) -> Path:
             "trainer.max_steps=6",
             "trainer.val_check_interval=3",
             "optim.warmup_steps=2",
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-4",
             "callbacks.throughput.window_size=2",
             f"callbacks.throughput.available_flops={PEAK}",
         ),
