@@ -15,15 +15,17 @@ from gptlab.models import build_model
 COMPILE_PREFIX = "_orig_mod."
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file without executing any code it might carry (weights_only=True)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file without executing any code it might carry (weights_only=True).
+
+    `mmap=True` maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     if path is None or str(path) == "":
         raise CheckpointError("no checkpoint given: pass ckpt_path=<run>/checkpoints/last.ckpt")
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -112,7 +112,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[str | None, int, dict[str, Any] | N
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     from gptlab.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # only the step and tokenizer; Lightning reads the weights
     step = int(ckpt.get("global_step", 0))
     tokenizer = (ckpt.get("hyper_parameters") or {}).get("tokenizer")
     del ckpt
