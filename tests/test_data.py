@@ -1,7 +1,5 @@
 import functools
-import hashlib
 import http.server
-import json
 import threading
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Bad input: each case exits non-zero with a short message naming the value and the fix, no
 traceback, and no partial files (issue: reliability and security)."""
 
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,7 @@ import torch
 
 from gptlab.checkpoint import clean_state_dict
 from gptlab.errors import ConfigError
-from gptlab.models import GPT, Bigram, build_model
+from gptlab.models import Bigram, build_model
 from gptlab.sampling import generate, next_token
 
 GPT2 = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)

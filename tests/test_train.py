@@ -4,7 +4,7 @@ import shutil
 
 import torch
 
-from conftest import SHAKESPEARE, read_scalars, read_texts, run_script, train_args
+from conftest import read_scalars, read_texts, run_script, train_args
 
 
 def test_run_writes_checkpoints_config_and_tensorboard(trained_run):

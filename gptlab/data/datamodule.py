@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from gptlab.data.datasets import FixedWindows, TrainBatches
