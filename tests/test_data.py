@@ -59,7 +59,7 @@ def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
     (corpus / "b.txt").write_text("  x\n\n\n  " + TEXT[150_000:200_000] + "ünïcödé  ", encoding="utf-8")
     files = prep.corpus_files(corpus)
     p = prep.prepare_corpus(files, {"kind": "bpe", "encoding": "gpt2"}, tmp_path / "out", corpus_root=corpus,
-                            num_threads=2, log=lambda *a: None)
+                            workers=2, log=lambda *a: None)
     enc = tiktoken.get_encoding("gpt2")
     full = (corpus / "a.txt").read_text() + "<|endoftext|>" + (corpus / "b.txt").read_text()
     cut = int(len(full) * 0.9)

@@ -103,7 +103,7 @@ import sys
 from pathlib import Path
 from gptlab.data.prepare import corpus_files, prepare_corpus
 p = prepare_corpus(corpus_files(Path(sys.argv[1])), {"kind": "bpe", "encoding": "gpt2"}, Path(sys.argv[2]),
-                   num_threads=1, log=lambda *a: None)
+                   workers=1, log=lambda *a: None)
 print(p.directory, p.meta["tokens"]["train"])
 """
 

@@ -48,7 +48,7 @@ class TokenDataModule(L.LightningDataModule):
         stride: int | None = None,
         seed: int = 1337,
         num_workers: int = 0,
-        num_threads: int | None = None,
+        prepare_workers: int | None = None,
         verify: bool = True,
         pin_memory: bool = False,
     ):
@@ -76,7 +76,7 @@ class TokenDataModule(L.LightningDataModule):
         self.stride = stride
         self.seed = seed
         self.num_workers = num_workers
-        self.num_threads = num_threads
+        self.prepare_workers = prepare_workers
         self.verify = verify
         self.pin_memory = pin_memory
         self.prepared: Prepared | None = None
@@ -102,7 +102,7 @@ class TokenDataModule(L.LightningDataModule):
                 self.tokenizer_spec,
                 self.data_dir / "prepared",
                 val_fraction=self.val_fraction,
-                num_threads=self.num_threads,
+                workers=self.prepare_workers,
                 verify=self.verify,
                 corpus_root=root,
             )

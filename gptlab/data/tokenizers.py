@@ -157,9 +157,6 @@ class BPETokenizer:
         # tokens are encoded as plain text.
         return self.enc.encode(text, allowed_special={ENDOFTEXT} & self.enc.special_tokens_set)
 
-    def encode_ordinary_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 
