@@ -127,8 +127,11 @@ class LanguageModel(L.LightningModule):
             )
         self.micro_step += 1
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
+        # Only on the steps the logger writes: each self.log call costs ~0.5 ms of Python (Lightning
+        # moves its result record to the value's device every time), 2% of a small CPU model's step.
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
