@@ -70,6 +70,20 @@ def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
     assert 50256 in expected_train  # the document separator
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "word", "bpe"])
+def test_worker_processes_write_the_same_tokens_as_one_process(tmp_path, monkeypatch, tokenizer):
+    """Chunks encoded by forked worker processes come back in order: the token files are identical."""
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 20_000)  # ~15 chunks, some of them straddle the split
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT[:300_000], encoding="utf-8")
+    spec = {"kind": tokenizer, "encoding": "gpt2"}
+    one = prep.prepare_corpus([corpus], spec, tmp_path / "one", workers=1, log=lambda *a: None)
+    three = prep.prepare_corpus([corpus], spec, tmp_path / "three", workers=3, log=lambda *a: None)
+    for split in ("train", "val"):
+        assert (one.directory / f"{split}.bin").read_bytes() == (three.directory / f"{split}.bin").read_bytes()
+    assert one.meta["sha256"] == three.meta["sha256"] and one.meta["tokens"]["val"] > 0
+
+
 def test_word_level_datamodule(tmp_path):
     dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=str(tmp_path), tokenizer="word", block_size=16)
     dm.setup()
