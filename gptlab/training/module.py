@@ -129,7 +129,8 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
         # Only on the steps the logger writes: each self.log call costs ~0.5 ms of Python (Lightning
         # moves its result record to the value's device every time), 2% of a small CPU model's step.
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        step = self.global_step + 1
+        if step % max(1, self.trainer.log_every_n_steps) == 0 or step == self.trainer.max_steps:
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
