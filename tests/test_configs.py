@@ -206,3 +206,18 @@ def test_preset_trains_a_few_steps(choice, tmp_path, data_dir):
     if choice == "experiment=gpt2_124m":
         assert ckpt["hyper_parameters"]["tokenizer"]["kind"] == "bpe"
         assert ckpt["gptlab"]["micro_step"] == 4
+
+
+@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", 0.0, True),
+                                                    ("bf16-mixed", 1.0, False)])
+def test_fused_adamw_by_default_except_where_lightning_cannot_clip(precision, clip, fused):
+    import lightning as L
+
+    from gptlab.training import LanguageModel
+
+    module = LanguageModel(model={"arch": "gpt", "vocab_size": 65, "block_size": 8, "n_layer": 1, "n_head": 2,
+                                  "n_embd": 8}, optim={"decay_steps": 10})
+    module.trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, max_steps=10,
+                               logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    defaults = module.configure_optimizers()["optimizer"].defaults
+    assert bool(defaults["fused"]) is fused and bool(defaults["foreach"]) is not fused
