@@ -3,17 +3,17 @@
 The cache directory is keyed by the corpus's sha256, the tokenizer and the split, so the next run
 (or another job of a sweep) reuses it. Preparation streams: the text is read in chunks cut at places
 where no BPE pre-token can straddle the cut, encoded in parallel by forked worker processes (threads
-where fork is unavailable) and appended to the token files, so memory stays flat however large the corpus. The result is built
-in a temporary directory and renamed into place, so concurrent preparations of the same corpus both
-end with one valid cache and a crash leaves nothing half-written.
+where fork is unavailable) and appended to the token files, so memory stays flat however large the
+corpus. The result is built in a temporary directory and renamed into place, so concurrent
+preparations of the same corpus both end with one valid cache and a crash leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
-import multiprocessing
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -230,12 +230,16 @@ def _encode_in_worker(text: str) -> np.ndarray:
     return _ENCODE(text)
 
 
+def _release_encoder() -> None:
+    global _ENCODE
+    _ENCODE = None  # do not keep the tokenizer alive after the preparation
+
+
 def _encoder_pool(encode: Callable[[str], np.ndarray], workers: int, total_bytes: int) -> Executor | None:
     """Worker processes for encoding, or None to encode in this process.
 
-    Processes, not threads: tiktoken releases the GIL only inside its Rust core, and building the Python
-    list of ids holds it, so two threads reach ~1.3x on two cores where two processes reach ~1.8x
-    (bench/prepare.py). Workers are forked so that they inherit the loaded tokenizer: there is no
+    Processes, not threads: tiktoken holds the GIL for part of each call, so on two cores two threads
+    reached 1.2-1.4x where two processes reached 1.6-1.95x in a side-by-side test. Workers are forked so that they inherit the loaded tokenizer: there is no
     import and no vocabulary load per worker. Without fork (macOS, Windows) threads are used instead.
     """
     global _ENCODE
@@ -325,13 +329,11 @@ def prepare_corpus(
                     if kind == "bpe" and text is separator:  # one special token, not text to encode
                         pieces = [(pieces[0][0], None)]
                     for split, piece in pieces:
+                        if pool is not None and piece is not None:
+                            in_flight.append((split, pool.submit(_encode_in_worker, piece)))
+                            continue
                         done: Future = Future()
-                        if piece is None:
-                            done.set_result(np.array([tok.eot_id], dtype=dtype))
-                        elif pool is None:
-                            done.set_result(encode(piece))
-                        else:
-                            done = pool.submit(_encode_in_worker, piece)
+                        done.set_result(np.array([tok.eot_id], dtype=dtype) if piece is None else encode(piece))
                         in_flight.append((split, done))
                     while len(in_flight) > 2 * workers:
                         split, future = in_flight.popleft()
@@ -343,6 +345,7 @@ def prepare_corpus(
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+                _release_encoder()
         writer.close()
         meta = {
             "format": FORMAT_VERSION,
