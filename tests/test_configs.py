@@ -119,7 +119,9 @@ def test_experiment_presets_compose():
     assert compose_train([]) == cfg
 
     cfg = compose_train(["experiment=shakespeare_char_cpu_long"])
-    assert cfg.model.n_layer == 4 and cfg.trainer.max_steps > 1000 and cfg.task_name == "shakespeare_char_cpu_long"
+    assert cfg.model.n_layer == 4 and cfg.task_name == "shakespeare_char_cpu_long"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.muon_lr, cfg.data.batch_size) == ("muon", 4e-3, 1e-2, 48)
+    assert list(cfg.optim.betas) == [0.9, 0.95] and compose_train(["optim=muon"]).optim.name == "muon"
 
     cfg = compose_train(["experiment=shakespeare_bpe"])
     assert cfg.data.tokenizer == "bpe" and cfg.model.n_layer <= 6

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from gptlab.checkpoint import COMPILE_PREFIX
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.models import build_model
+from gptlab.training.muon import Muon
 
 
 class NonFiniteLossError(GptlabError):
@@ -24,6 +25,7 @@ class NonFiniteLossError(GptlabError):
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices, AdamW for the rest
     lr: float = 1e-3
     min_lr: float = 1e-4
     weight_decay: float = 0.1
@@ -32,9 +34,14 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_steps: int | None = None  # cosine decay ends here; None: the trainer's max_steps
     fused: bool | None = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
+    muon_lr: float | None = None  # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
+    momentum: float = 0.95  # Muon's (Nesterov) momentum
+    ns_steps: int = 5  # Muon's Newton-Schulz iterations
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.name not in ("adamw", "muon"):
+            raise ConfigError(f"optim.name={self.name!r}: must be 'adamw' or 'muon' (optim=adamw / optim=muon)")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
         if self.warmup_steps < 0:
@@ -91,6 +98,13 @@ class LanguageModel(L.LightningModule):
         self._compiled = False
         # which parameters are matrices, decided now: FSDP later turns them into flat 1-D shards
         self._matrix_params = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        # Muon's share: the matrices of hidden layers, not the embeddings nor the output head
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        head = getattr(self.model, "lm_head", None)
+        self._hidden_matrices = {
+            name for name, p in self.model.named_parameters()
+            if p.dim() == 2 and id(p) not in embeddings and (head is None or p is not head.weight)
+        }
 
     # -- setup ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -163,16 +177,28 @@ class LanguageModel(L.LightningModule):
         cfg = self.optim
         named = [(_plain_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
         # weight decay on matrices (Linear weights, embeddings) only, not on biases and LayerNorms
+        muon = cfg.name == "muon"
+        hidden = self._hidden_matrices if muon else set()
         groups = [
-            {"params": [p for n, p in named if n in self._matrix_params], "weight_decay": cfg.weight_decay,
-             "name": "decay"},
+            {"params": [p for n, p in named if n in self._matrix_params and n not in hidden],
+             "weight_decay": cfg.weight_decay, "name": "decay"},
             {"params": [p for n, p in named if n not in self._matrix_params], "weight_decay": 0.0,
              "name": "no_decay"},
         ]
-        fused = cfg.fused if cfg.fused is not None else self._fused_by_default()
-        optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {"foreach": True})
-        )
+        if muon:
+            matrices = [p for n, p in named if n in hidden]
+            if any(p.dim() != 2 for p in matrices):
+                raise ConfigError("optim=muon needs whole weight matrices, and FSDP shards them: use DDP "
+                                  "(trainer=ddp) or optim=adamw")
+            groups.insert(0, {"params": matrices, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True,
+                                 "lr": cfg.muon_lr or cfg.lr})
+            optimizer = Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum,
+                             ns_steps=cfg.ns_steps)
+        else:
+            fused = cfg.fused if cfg.fused is not None else self._fused_by_default()
+            optimizer = torch.optim.AdamW(
+                groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {"foreach": True})
+            )
         decay_steps = cfg.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps < 0:
             raise ConfigError("set trainer.max_steps (or optim.decay_steps): the LR schedule is step-based")

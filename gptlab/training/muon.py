@@ -1,0 +1,121 @@
+"""Muon for the hidden weight matrices, AdamW for everything else, as one optimizer.
+
+Muon (Keller Jordan, 2024; https://kellerjordan.github.io/posts/muon/) keeps SGD momentum for each
+weight matrix and replaces the update by the nearest semi-orthogonal matrix, computed with a few
+Newton-Schulz iterations. Embeddings, the output head, biases and LayerNorm gains are not hidden
+matrices and keep AdamW. On the 4-layer, 128-channel character model (batches of 48) it reached val
+loss 1.561 in 800 steps where AdamW reached 1.728, and 1.537 in 1000 steps, which took AdamW 2200
+(README, "Benchmarks"). Its cost: ~5 small matrix products per matrix and step.
+
+Why not `torch.optim.Muon`: Lightning's automatic optimization drives one optimizer, and torch's Muon
+takes only matrices; it also runs Newton-Schulz in bfloat16, which CPUs without native bf16 emulate
+~20x slower than float32. Here the iteration runs in bfloat16 on CUDA and in float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+# the quintic iteration's coefficients, tuned for a steep slope at zero (Muon's reference implementation)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, by Newton-Schulz iteration (singular values end in ~[0.7, 1.2])."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the short side: the Gram matrix x x^T is then the small one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1: inside the basin
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Parameter groups with `muon=True` get Muon, the others AdamW; all share `lr` and `weight_decay`
+    semantics, so one LR schedule drives both.
+
+    Muon's update is scaled by 0.2 * sqrt(max(rows, cols)), which gives it the RMS of a typical AdamW
+    update (Moonshot AI, "Muon is scalable for LLM training", 2025): the AdamW learning rate and weight
+    decay carry over. Weight decay is decoupled, as in AdamW.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum}: must be in [0, 1)")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps={ns_steps}: must be >= 1")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, betas=tuple(betas), eps=eps, muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"]:
+                for p in group["params"]:
+                    if p.dim() != 2:
+                        raise ValueError(
+                            f"Muon updates whole weight matrices; got a parameter of shape {tuple(p.shape)} "
+                            f"(biases, gains and sharded (FSDP) parameters cannot use it)"
+                        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                state = self.state[p]
+                if group["muon"]:
+                    self._muon_update(p, state, group, lr, wd)
+                else:
+                    self._adamw_update(p, state, group, lr, wd)
+        return loss
+
+    @staticmethod
+    def _muon_update(p: torch.Tensor, state: dict, group: dict, lr: float, wd: float) -> None:
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf, momentum = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+        update = orthogonalize(update, group["ns_steps"])
+        p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+    @staticmethod
+    def _adamw_update(p: torch.Tensor, state: dict, group: dict, lr: float, wd: float) -> None:
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        (beta1, beta2), grad = group["betas"], p.grad
+        state["step"] += 1
+        step = state["step"].item()
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        p.mul_(1 - lr * wd)
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
