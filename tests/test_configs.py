@@ -113,15 +113,16 @@ def test_experiment_presets_compose():
 
     cfg = compose_train(["experiment=shakespeare_char_cpu"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (4, 4, 128, 64)
-    assert cfg.trainer.accelerator == "auto" and cfg.data.batch_size == 24 and cfg.trainer.max_steps == 1000
-    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (3e-3, 3e-4, 50)
+    assert cfg.trainer.accelerator == "auto" and cfg.data.batch_size == 24 and cfg.trainer.max_steps == 600
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.muon_lr, cfg.optim.min_lr) == ("muon", 4e-3, 1e-2, 4e-5)
+    assert compose_train(["optim=adamw"]).optim.name == "adamw"  # the command line picks the optimizer
     # `python train.py` with no arguments is this recipe
     assert compose_train([]) == cfg
 
     cfg = compose_train(["experiment=shakespeare_char_cpu_long"])
     assert cfg.model.n_layer == 4 and cfg.task_name == "shakespeare_char_cpu_long"
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.muon_lr, cfg.data.batch_size) == ("muon", 4e-3, 1e-2, 48)
-    assert list(cfg.optim.betas) == [0.9, 0.95] and compose_train(["optim=muon"]).optim.name == "muon"
+    assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.trainer.max_steps == 1000
 
     cfg = compose_train(["experiment=shakespeare_bpe"])
     assert cfg.data.tokenizer == "bpe" and cfg.model.n_layer <= 6

@@ -190,8 +190,9 @@ class LanguageModel(L.LightningModule):
             if any(p.dim() != 2 for p in matrices):
                 raise ConfigError("optim=muon needs whole weight matrices, and FSDP shards them: use DDP "
                                   "(trainer=ddp) or optim=adamw")
-            groups.insert(0, {"params": matrices, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True,
-                                 "lr": cfg.muon_lr or cfg.lr})
+            # last, so that group 0 keeps optim.lr whichever the optimizer
+            groups.append({"params": matrices, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True,
+                           "lr": cfg.muon_lr or cfg.lr})
             optimizer = Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum,
                              ns_steps=cfg.ns_steps)
         else:
