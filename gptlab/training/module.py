@@ -40,6 +40,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.muon_lr is not None and self.muon_lr <= 0:
+            raise ConfigError(f"optim.muon_lr={self.muon_lr}: must be > 0 (or null: optim.lr)")
         if self.name not in ("adamw", "muon"):
             raise ConfigError(f"optim.name={self.name!r}: must be 'adamw' or 'muon' (optim=adamw / optim=muon)")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -186,15 +188,14 @@ class LanguageModel(L.LightningModule):
              "name": "no_decay"},
         ]
         if muon:
-            matrices = [p for n, p in named if n in hidden]
-            if any(p.dim() != 2 for p in matrices):
-                raise ConfigError("optim=muon needs whole weight matrices, and FSDP shards them: use DDP "
-                                  "(trainer=ddp) or optim=adamw")
             # last, so that group 0 keeps optim.lr whichever the optimizer
-            groups.append({"params": matrices, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True,
-                           "lr": cfg.muon_lr or cfg.lr})
-            optimizer = Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum,
-                             ns_steps=cfg.ns_steps)
+            groups.append({"params": [p for n, p in named if n in hidden], "weight_decay": cfg.weight_decay,
+                           "name": "muon", "muon": True, "lr": cfg.muon_lr or cfg.lr})
+            try:
+                optimizer = Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum,
+                                 ns_steps=cfg.ns_steps)
+            except ValueError as e:  # e.g. FSDP's flat shards instead of matrices
+                raise ConfigError(f"optim=muon: {e}; use DDP (trainer=ddp) or optim=adamw") from e
         else:
             fused = cfg.fused if cfg.fused is not None else self._fused_by_default()
             optimizer = torch.optim.AdamW(

@@ -81,21 +81,18 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+            update = self._muon_update if group["muon"] else self._adamw_update
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
-                state = self.state[p]
-                if group["muon"]:
-                    self._muon_update(p, state, group, lr, wd)
-                else:
-                    self._adamw_update(p, state, group, lr, wd)
+                update(p, self.state[p], group)
         return loss
 
     @staticmethod
-    def _muon_update(p: torch.Tensor, state: dict, group: dict, lr: float, wd: float) -> None:
+    def _muon_update(p: torch.Tensor, state: dict, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, momentum = state["momentum_buffer"], group["momentum"]
@@ -106,14 +103,17 @@ class Muon(torch.optim.Optimizer):
         p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
     @staticmethod
-    def _adamw_update(p: torch.Tensor, state: dict, group: dict, lr: float, wd: float) -> None:
+    def _adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            # a Python int, not a tensor: reading a CUDA tensor back for the bias correction would
+            # synchronise with the GPU once per parameter and step
+            state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         (beta1, beta2), grad = group["betas"], p.grad
         state["step"] += 1
-        step = state["step"].item()
+        step = state["step"]
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
