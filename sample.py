@@ -8,7 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab import checkpoint
+from gptlab.checkpoint import model_from_checkpoint
 from gptlab.cli import pick_device, user_errors
 from gptlab.data.tokenizers import BPETokenizer, tokenizer_from_state
 from gptlab.errors import CheckpointError, ConfigError
@@ -24,7 +25,7 @@ def load_model(path: str | Path):
         from gptlab.models.hf import load_hf_gpt2
 
         return load_hf_gpt2(path), BPETokenizer("gpt2")
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint.load(path)
     model, hparams = model_from_checkpoint(ckpt, path)
     if not hparams.get("tokenizer"):
         raise CheckpointError(f"{path} carries no tokenizer state; it cannot be sampled from text")

@@ -95,10 +95,11 @@ def gptlab_experiment(name: str, data_dir: str, out: Path) -> dict:
     fit = re.search(r"fit: (\d+) steps in ([0-9.]+)s, of which validation ([0-9.]+)s", proc.stdout)
     steps, fit_s, val_s = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
     # the whole validation split, with the weights of the last step
-    from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+    from gptlab import checkpoint
+from gptlab.checkpoint import model_from_checkpoint
     from gptlab.data import TokenDataModule
 
-    model, _ = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / "last.ckpt"))
+    model, _ = model_from_checkpoint(checkpoint.load(out / name / "checkpoints" / "last.ckpt"))
     dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=data_dir, block_size=model.config.block_size)
     dm.prepare_data()
     dm.setup()

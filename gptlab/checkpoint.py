@@ -1,8 +1,29 @@
-"""Loading checkpoints as untrusted input: `weights_only=True`, clear errors, either key layout."""
+"""The checkpoint file: its layout, its one writer and its one reader.
+
+A gptlab checkpoint is a Lightning checkpoint (a `torch.save`d dict of plain containers and tensors,
+so it loads with `weights_only=True`):
+
+    {
+      "state_dict":       {"model.<parameter>": Tensor, ...},   # the LightningModule's `model.`
+      "hyper_parameters": {"model": {arch, shape..., vocab_size},  # enough to rebuild the model
+                           "optim": {...}, "tokenizer": {"kind": ..., ...}, "seed": int},
+      "gptlab":           {"format": 1, "tokens_seen": int, "micro_step": int,
+                           "best_val_loss": float, "trackers": {name: run id, ...}},
+      "global_step": int, "epoch": int,
+      # written by Lightning while training, absent from imported checkpoints:
+      "optimizer_states", "lr_schedulers", "loops", "callbacks", "TokenDataModule": {...}, ...
+    }
+
+Lightning fills most of it (`save_hyperparameters`, `LanguageModel.on_save_checkpoint`, the
+DataModule's `state_dict`); `new_checkpoint` builds the same layout for imported weights. Every
+file goes through `save` (atomic, umask modes) and comes back through `load` (`weights_only=True`).
+"""
 
 from __future__ import annotations
 
 import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +31,26 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import CheckpointError
-from gptlab.models import build_model
+from gptlab.files import atomic_write
 
+FORMAT = 1
+MODULE_PREFIX = "model."  # the LightningModule holds the model as `self.model`
+# torch.compile's wrapper (`_orig_mod.`) appears in checkpoints of other tools that saved a compiled
+# module's state_dict; gptlab compiles in place and never writes it
 COMPILE_PREFIX = "_orig_mod."
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Read a checkpoint file without executing any code it might carry (weights_only=True).
+def save(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Write `checkpoint` to `path` atomically: a crash or a full disk leaves the previous file intact."""
+    path = Path(path)
+    with atomic_write(path, "wb", what="write the checkpoint") as f:
+        torch.save(checkpoint, f)
+    return path
+
+
+def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint without executing any code it might carry (weights_only=True).
 
     `mmap=True` maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     if path is None or str(path) == "":
@@ -25,44 +59,116 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if head != _ZIP_MAGIC and not head.startswith(b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file (e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head == _ZIP_MAGIC)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain containers, which "
-            f"could run code when unpickled ({first})"
+            f"refused to load {path}: it holds a Python object{what} beyond tensors and plain containers; "
+            f"gptlab only loads checkpoints that cannot run code"
         ) from None
-    except Exception as e:  # torch raises many kinds on garbage input (RuntimeError, EOFError, IndexError, ...)
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a PyTorch file: {e})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    except Exception as e:  # torch raises many kinds on garbage input (RuntimeError, EOFError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged: {first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a gptlab/Lightning checkpoint (no 'state_dict')")
     return ckpt
 
 
-def clean_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """The model's own keys: strip the LightningModule attribute prefix and any torch.compile
-    `_orig_mod.` wrapper, so checkpoints from compiled and eager models load the same way."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key.replace(COMPILE_PREFIX, "")
-        if prefix and key.startswith(prefix):
-            key = key[len(prefix) :]
-        elif prefix:
-            continue
-        out[key] = value
-    return out
+def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace(COMPILE_PREFIX, ""): v for k, v in state_dict.items()}
+
+
+def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's own parameters: no LightningModule prefix, no torch.compile wrapper."""
+    return {
+        k[len(MODULE_PREFIX):]: v
+        for k, v in strip_compile_prefix(checkpoint["state_dict"]).items()
+        if k.startswith(MODULE_PREFIX)
+    }
+
+
+@dataclass
+class Info:
+    """What a checkpoint says about its run, read without loading the weights."""
+
+    path: Path
+    step: int
+    model: dict[str, Any]
+    tokenizer: dict[str, Any] | None
+    best_val_loss: float | None = None
+    trackers: dict[str, Any] = field(default_factory=dict)
+
+
+def info(path: str | Path) -> Info:
+    ckpt = load(path, mmap=True)
+    hparams = ckpt.get("hyper_parameters") or {}
+    state = ckpt.get("gptlab") or {}
+    best = state.get("best_val_loss")
+    return Info(
+        path=Path(path),
+        step=int(ckpt.get("global_step", 0)),
+        model=dict(hparams.get("model") or {}),
+        tokenizer=hparams.get("tokenizer"),
+        best_val_loss=None if best is None else float(best),
+        trackers=dict(state.get("trackers") or {}),
+    )
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a gptlab checkpoint; returns (model, hyper_parameters)."""
+    from gptlab.models import build_model
+
     hparams = ckpt.get("hyper_parameters") or {}
-    if "model" not in hparams:
+    if not isinstance(hparams.get("model"), dict):
         raise CheckpointError(f"{path} has no model config in its hyper_parameters; was it written by gptlab?")
     model = build_model(dict(hparams["model"]))
-    state = clean_state_dict(ckpt["state_dict"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}") from None
+    load_weights(model, model_state(ckpt), str(path))
     return model, hparams
 
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)`, strict, with an error that names what does not fit."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{source} does not fit the model: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], limit: int = 4) -> str | None:
+    """None if `given` has exactly the keys and shapes of `expected`, else a short account of the differences."""
+    parts = []
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) or None
+
+
+def new_checkpoint(
+    model_cfg: dict[str, Any], state_dict: dict[str, torch.Tensor], tokenizer: dict[str, Any] | None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """A checkpoint in the layout above for weights that were not trained here (an import): it samples,
+    evaluates (`train=false`) and initialises training (`model.init_from`), but resumes nothing."""
+    return {
+        "state_dict": {MODULE_PREFIX + k: v.detach().contiguous() for k, v in state_dict.items()},
+        "hyper_parameters": {"model": dict(model_cfg), "optim": {}, "tokenizer": tokenizer, "seed": 0},
+        "gptlab": {"format": FORMAT, "tokens_seen": 0, "micro_step": 0, "best_val_loss": float("inf"),
+                   "trackers": {}, "source": source},
+        "global_step": 0,
+        "epoch": 0,
+    }

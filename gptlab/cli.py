@@ -110,12 +110,10 @@ def resolve_resume(cfg: DictConfig) -> tuple[str | None, int, dict[str, Any] | N
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab import checkpoint
 
-    ckpt = load_checkpoint(path, mmap=True)  # only the step and tokenizer; Lightning reads the weights
-    step = int(ckpt.get("global_step", 0))
-    tokenizer = (ckpt.get("hyper_parameters") or {}).get("tokenizer")
-    del ckpt
+    meta = checkpoint.info(path)  # only the step and tokenizer; Lightning reads the weights
+    step, tokenizer = meta.step, meta.tokenizer
     if path.parent.name == "checkpoints":
         with open_dict(cfg):
             cfg.paths.output_dir = str(path.parent.parent)

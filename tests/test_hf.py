@@ -342,12 +342,13 @@ def test_export_needs_gpt2_options(tmp_path):
 
 
 def test_cli_import_then_export(tmp_path, small_hf, capsys):
-    from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+    from gptlab import checkpoint
+from gptlab.checkpoint import model_from_checkpoint
 
     directory, hf = small_hf
     ckpt = tmp_path / "small.ckpt"
     assert hf_main(["import", str(directory), str(ckpt)]) == 0
-    model, hparams = model_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    model, hparams = model_from_checkpoint(checkpoint.load(ckpt), ckpt)
     assert hparams["tokenizer"] == {"kind": "bpe", "encoding": "gpt2"}
     ids = torch.randint(0, 100, (2, 32))
     with torch.no_grad():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.checkpoint import COMPILE_PREFIX, load_checkpoint, model_from_checkpoint
+from gptlab.checkpoint import COMPILE_PREFIX, model_from_checkpoint
+from gptlab.checkpoint import load as load_checkpoint
 from gptlab.models import build_model
 from gptlab.training.module import lr_factor
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+from gptlab import checkpoint
+from gptlab.checkpoint import model_from_checkpoint
 from gptlab.data import TokenDataModule
 from gptlab.data.prepare import check_prepared, corpus_files, prepare_corpus
 from gptlab.errors import CheckpointError
@@ -51,7 +52,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
     assert [s for s, _ in got["val/loss"]] == [7, 15, 23, 31, 39]
     np.testing.assert_allclose([v for _, v in got["train/loss"]], [v for _, v in ref["train/loss"]], rtol=0, atol=1e-6)
     assert abs(got["val/loss"][-1][1] - ref["val/loss"][-1][1]) <= 1e-6
-    assert load_checkpoint(crashed / "checkpoints" / "last.ckpt")["global_step"] == 40
+    assert checkpoint.load(crashed / "checkpoints" / "last.ckpt")["global_step"] == 40
 
 
 class PoisonWeights(L.Callback):
@@ -79,7 +80,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
     with pytest.raises(NonFiniteLossError, match="at step 5"):
         trainer.fit(module, datamodule=dm)
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["step2.ckpt", "step4.ckpt"]
-    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "step4.ckpt"))
+    model, _ = model_from_checkpoint(checkpoint.load(tmp_path / "step4.ckpt"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -153,7 +154,7 @@ def test_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path, data_dir):
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": Payload(marker)}, evil)
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(evil)
+        checkpoint.load(evil)
     proc = run_script("sample.py", [f"ckpt_path={evil}", "device=cpu"], data_dir, check=False)
     assert proc.returncode != 0 and "refused" in proc.stderr
     proc = run_script("train.py", train_args(tmp_path / "run", f"ckpt_path={evil}"), data_dir, check=False)

@@ -447,9 +447,10 @@ def _tokenizer_name(tokenizer_state: dict[str, Any] | None) -> str | None:
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """gptlab .ckpt -> Hugging Face GPT-2 directory."""
-    from gptlab.checkpoint import load_checkpoint, model_from_checkpoint
+    from gptlab import checkpoint
+    from gptlab.checkpoint import model_from_checkpoint
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = checkpoint.load(ckpt_path)
     model, hparams = model_from_checkpoint(ckpt, ckpt_path)
     tokenizer = _tokenizer_name(hparams.get("tokenizer"))
     out = export_hf(model, out_dir, tokenizer_name=tokenizer)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gptlab.checkpoint import COMPILE_PREFIX
+from gptlab.checkpoint import COMPILE_PREFIX, strip_compile_prefix
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.models import build_model
 from gptlab.training.muon import Muon
@@ -240,4 +240,4 @@ class LanguageModel(L.LightningModule):
         self.micro_step = int(state.get("micro_step", 0))
         self.best_val_loss = float(state.get("best_val_loss", float("inf")))
         # accept checkpoints of compiled models saved by other tools (`model._orig_mod.x`)
-        checkpoint["state_dict"] = {k.replace(COMPILE_PREFIX, ""): v for k, v in checkpoint["state_dict"].items()}
+        checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
