@@ -343,7 +343,7 @@ def test_export_needs_gpt2_options(tmp_path):
 
 def test_cli_import_then_export(tmp_path, small_hf, capsys):
     from gptlab import checkpoint
-from gptlab.checkpoint import model_from_checkpoint
+    from gptlab.checkpoint import model_from_checkpoint
 
     directory, hf = small_hf
     ckpt = tmp_path / "small.ckpt"
