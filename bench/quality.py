@@ -96,7 +96,7 @@ def gptlab_experiment(name: str, data_dir: str, out: Path) -> dict:
     steps, fit_s, val_s = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
     # the whole validation split, with the weights of the last step
     from gptlab import checkpoint
-from gptlab.checkpoint import model_from_checkpoint
+    from gptlab.checkpoint import model_from_checkpoint
     from gptlab.data import TokenDataModule
 
     model, _ = model_from_checkpoint(checkpoint.load(out / name / "checkpoints" / "last.ckpt"))
