@@ -2,67 +2,111 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptlab import checkpoint
-from gptlab.checkpoint import model_from_checkpoint
-from gptlab.cli import pick_device, user_errors
-from gptlab.data.tokenizers import BPETokenizer, tokenizer_from_state
+from gptlab.config import validate_dataclass
+from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.sampling import check_sampling_args, generate
+from gptlab.jobs import run
+from gptlab.sampling import generate, start_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass
+class SampleConfig:
+    """conf/sample.yaml's keys and their types (checked before anything is loaded)."""
+
+    ckpt_path: str | None = None
+    prompt: str | None = None
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    greedy: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "float32"
+    use_kv_cache: bool = True
+    compile: bool | str = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"device={name}: this machine has {have}; use device=cpu or device=auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name}: MPS is not available here; use device=cpu or device=auto")
+    return device
+
+
 def load_model(path: str | Path):
-    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face GPT-2 directory."""
+    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face model directory."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
         from gptlab.models.hf import load_hf_gpt2
+        from gptlab.data.tokenizers import BPETokenizer
 
         return load_hf_gpt2(path), BPETokenizer("gpt2")
     ckpt = checkpoint.load(path)
-    model, hparams = model_from_checkpoint(ckpt, path)
+    model, hparams = checkpoint.model_from_checkpoint(ckpt, path)
     if not hparams.get("tokenizer"):
         raise CheckpointError(f"{path} carries no tokenizer state; it cannot be sampled from text")
     return model, tokenizer_from_state(hparams["tokenizer"])
 
 
-def read_prompt(prompt: str) -> str:
-    if prompt.startswith("FILE:"):
-        file = Path(prompt[5:]).expanduser()
-        if not file.is_file():
-            raise ConfigError(f"prompt file not found: {file}")
-        return file.read_text(encoding="utf-8")
-    return prompt
+def read_prompt(prompt: str | None) -> str | None:
+    if prompt is None or not prompt.startswith("FILE:"):
+        return prompt
+    file = Path(prompt[5:]).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"prompt file not found: {file}")
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt file {file} is not UTF-8 text (byte offset {e.start}); convert it first") from None
 
 
 def sample(cfg: DictConfig) -> list[str]:
-    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
-        raise ConfigError(f"num_samples={cfg.num_samples!r}: must be a positive integer")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
-    device = pick_device(cfg.device)
-    model, tokenizer = load_model(cfg.ckpt_path)
-    model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
-    if cfg.compile:  # true: the default backend (inductor); a string names another, e.g. aot_eager
-        model.compile(**({"backend": cfg.compile} if isinstance(cfg.compile, str) else {}))
-    ids = tokenizer.encode(read_prompt(str(cfg.prompt)))
-    if not ids:
-        ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    args = validate_dataclass(OmegaConf.to_container(cfg, resolve=True), SampleConfig)
+    if args.ckpt_path is None:
+        raise ConfigError("no checkpoint: pass ckpt_path=<run>/checkpoints/last.ckpt (or a Hugging Face model directory)")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"dtype={args.dtype!r}: choose one of {sorted(DTYPES)}")
+    from gptlab.sampling import check_sampling_args
+
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.ckpt_path)
+    model.to(device=device, dtype=DTYPES[args.dtype]).eval()
+    if args.compile:  # true: the default backend (inductor); a string names another, e.g. aot_eager
+        model.compile(**({"backend": args.compile} if isinstance(args.compile, str) else {}))
+    ids = start_ids(tokenizer, read_prompt(args.prompt))
     block = model.config.block_size
     if len(ids) > block:
         print(f"[gptlab] the prompt has {len(ids)} tokens; using its last {block} (block_size)")
-    idx = torch.tensor([ids[-block:]] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([ids[-block:]] * args.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(
-        model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        greedy=cfg.greedy, use_cache=cfg.use_kv_cache, generator=generator,
+        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        greedy=args.greedy, use_cache=args.use_kv_cache, generator=generator,
     )
     texts = [tokenizer.decode(row.tolist()) for row in out]
     for text in texts:
@@ -73,8 +117,7 @@ def sample(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
-        sample(cfg)
+    run(lambda: sample(cfg), run_dir=None)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli import (
-    describe_vocab,
-    distributed_job,
-    flat_hparams,
-    install_multirun_ddp_fix,
-    resolve_resume,
-    user_errors,
-)
-from gptlab.errors import CheckpointError, ConfigError
+from gptlab import resume
+from gptlab.config import validate_train
+from gptlab.errors import ConfigError
+from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
+from gptlab.jobs import Outcome, run
+from gptlab.tracking import flat_hparams
 from gptlab.training import LanguageModel
 
 
@@ -43,19 +40,23 @@ def step_intervals(trainer_cfg: DictConfig) -> dict:
     return {}
 
 
-def train(cfg: DictConfig) -> float | None:
-    ckpt_path, resume_step, resume_tokenizer = resolve_resume(cfg)  # may point paths.output_dir at that run
-    L.seed_everything(cfg.seed, workers=True)
+def fit(cfg: DictConfig) -> Outcome:
+    validate_train(cfg)
+    metric_name = cfg.get("optimized_metric") or "val/loss"
+    info = resume.resolve(cfg)  # may point paths.output_dir at that run
+    run_dir = Path(cfg.paths.output_dir)
+    if info is not None and resume.finished(info, cfg.trainer.get("max_steps")):
+        if metric_name not in info.metrics:
+            raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")
+        value = info.metrics[metric_name]
+        print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}); "
+              f"nothing to do. final {metric_name} = {value:.4f}")
+        return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
-    if resume_tokenizer is not None and resume_tokenizer != tokenizer.state_dict():
-        raise CheckpointError(
-            f"ckpt_path={ckpt_path} was trained with a different vocabulary ({resume_tokenizer.get('kind')} "
-            f"tokenizer, {describe_vocab(resume_tokenizer)}) than data gives now ({tokenizer.kind}, "
-            f"{tokenizer.vocab_size} tokens); resume with the data config the run was started with"
-        )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if model_cfg.get("vocab_size") is None:
         model_cfg["vocab_size"] = tokenizer.vocab_size
@@ -63,19 +64,22 @@ def train(cfg: DictConfig) -> float | None:
         raise ConfigError(
             f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
+    if info is not None:  # before any tracker or checkpoint of that run is touched
+        resume.check_compatible(info, model_cfg, tokenizer.state_dict())
     module = LanguageModel(
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         tokenizer=tokenizer.state_dict(),
         seed=cfg.seed,
+        compile=cfg.get("compile", False),
     )
-    if model_cfg.get("init_from"):
+    if cfg.get("init_from"):
         from gptlab.models.hf import load_pretrained_into
 
-        load_pretrained_into(module.model, model_cfg["init_from"])
+        load_pretrained_into(module.model, cfg.init_from)
 
     # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
-    loggers = instantiate_all(cfg.get("logger"), **({"purge_step": resume_step} if ckpt_path else {}))
+    loggers = instantiate_all(cfg.get("logger"), **({"purge_step": info.step} if info else {}))
     callbacks = instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
@@ -84,8 +88,10 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(flat_hparams(cfg), {"hp/best_val_loss": float("nan")})
     if trainer.is_global_zero:
         n = module.model.num_params()
-        print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {cfg.paths.output_dir}")
+        print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {run_dir}")
 
+    resume_step = info.step if info else 0
+    ckpt_path = str(info.path) if info else None
     if cfg.get("train", True):
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -95,7 +101,6 @@ def train(cfg: DictConfig) -> float | None:
     else:  # evaluation only: the validation split's loss and perplexity of the given weights
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    metric_name = cfg.get("optimized_metric") or "val/loss"
     metrics = trainer.callback_metrics
     if metric_name not in metrics:
         raise ConfigError(
@@ -104,14 +109,22 @@ def train(cfg: DictConfig) -> float | None:
     value = float(metrics[metric_name])
     if trainer.is_global_zero:
         print(f"[gptlab] final {metric_name} = {value:.4f}" + ("" if math.isfinite(value) else " (not finite)"))
-    return value
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
+                   last_ckpt=str(last) if last.is_file() else None, rank_zero=trainer.is_global_zero)
+
+
+def train(cfg: DictConfig) -> float:
+    """The final value of `optimized_metric` (what a sweeper optimises)."""
+    return fit(cfg).value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     install_multirun_ddp_fix(Path(__file__).resolve())
-    with user_errors(run_dir=cfg.paths.output_dir), distributed_job():
-        return train(cfg)
+    with distributed_job():
+        return run(lambda: fit(cfg), run_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
     from gptlab.data import TokenDataModule
     from gptlab.data.datasets import TrainBatches
     from gptlab.models import build_model
-    from gptlab.training.module import lr_factor
+    from gptlab.training.optim import lr_factor
 
     T, B, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
     dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=data_dir, block_size=T)

@@ -3,7 +3,7 @@
 Both sides train the same model (same config and seed, so the same initial weights: checked), on the
 same batches (TrainBatches(...).batch(k), k = 0..N-1, of tiny Shakespeare char), with the same
 optimizer (AdamW with gptlab's param groups and settings from conf/optim/adamw.yaml, fused=True as on the CPU,
-gradient clipping at 1.0, LambdaLR with gptlab.training.module.lr_factor) and the same per-step RNG
+gradient clipping at 1.0, the schedule of gptlab.training.optim) and the same per-step RNG
 seeding as LanguageModel.on_train_batch_start (so dropout masks, and therefore losses, match too).
 
 A step's time is the time from the start of one training step to the start of the next (for
@@ -188,24 +188,17 @@ def run_raw(spec: Spec, steps: int, warmup: int, compile: bool = False, precisio
             return run_raw(spec, steps, warmup, compile, precision, fused, reseed)
     from gptlab.data.datasets import TrainBatches
     from gptlab.models import build_model
-    from gptlab.training.module import OptimConfig, lr_factor
+    from gptlab.training.optim import OptimConfig, ParamRoles, build_optimizer, build_schedule, param_groups
 
     torch.manual_seed(spec.seed)
     model = build_model(dict(spec.model_cfg))
     model.train()
     if compile:
         model.compile()  # what LanguageModel.configure_model does
+    # the LightningModule's own parameter groups, optimizer and schedule
     cfg = OptimConfig(**spec.optim_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "name": "decay"},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                            **({"fused": True} if fused else {"foreach": True}))
-    decay_steps = cfg.decay_steps or steps
-    ratio = cfg.min_lr / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, decay_steps, ratio))
+    opt = build_optimizer(param_groups(list(model.named_parameters()), ParamRoles.of(model), cfg), cfg, fused)
+    sched = build_schedule(opt, cfg, steps)
     data = TrainBatches(spec.tokens, spec.block, spec.batch, seed=spec.seed)
     # cache_enabled=False: what Lightning's MixedPrecision plugin passes (and a different value would
     # make a compiled model recompile when both sides run in one process)

@@ -7,8 +7,9 @@ so it loads with `weights_only=True`):
       "state_dict":       {"model.<parameter>": Tensor, ...},   # the LightningModule's `model.`
       "hyper_parameters": {"model": {arch, shape..., vocab_size},  # enough to rebuild the model
                            "optim": {...}, "tokenizer": {"kind": ..., ...}, "seed": int},
-      "gptlab":           {"format": 1, "tokens_seen": int, "micro_step": int,
-                           "best_val_loss": float, "trackers": {name: run id, ...}},
+      "gptlab":           {"format": 1, "tokens_seen": int, "micro_step": int, "best_val_loss": float,
+                           "metrics": {"val/loss": float, ...},  # the last logged values
+                           "trackers": {name: run id, ...}},
       "global_step": int, "epoch": int,
       # written by Lightning while training, absent from imported checkpoints:
       "optimizer_states", "lr_schedulers", "loops", "callbacks", "TokenDataModule": {...}, ...
@@ -104,6 +105,7 @@ class Info:
     model: dict[str, Any]
     tokenizer: dict[str, Any] | None
     best_val_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged values
     trackers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +120,7 @@ def info(path: str | Path) -> Info:
         model=dict(hparams.get("model") or {}),
         tokenizer=hparams.get("tokenizer"),
         best_val_loss=None if best is None else float(best),
+        metrics={k: float(v) for k, v in (state.get("metrics") or {}).items()},
         trackers=dict(state.get("trackers") or {}),
     )
 

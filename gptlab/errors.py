@@ -1,4 +1,10 @@
-"""Errors that reach the user as a short message instead of a traceback."""
+"""Errors that reach the user as one short line instead of a traceback, and how to find them.
+
+Everything gptlab raises for a problem the user can fix is a GptlabError. The entry points report it
+with `one_line`; a multirun records it in the failed job's directory (gptlab.jobs).
+"""
+
+from __future__ import annotations
 
 
 class GptlabError(Exception):
@@ -15,3 +21,32 @@ class DataError(GptlabError):
 
 class CheckpointError(GptlabError):
     """A checkpoint is missing, unreadable, unsafe or does not fit."""
+
+
+class NonFiniteLossError(GptlabError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def user_error(exc: BaseException | None) -> GptlabError | None:
+    """The GptlabError behind `exc`, looking through the wrapping of Hydra's instantiate and Lightning's
+    hooks; a Lightning MisconfigurationException counts as one too (it names a bad setting)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, GptlabError):
+            return exc
+        if isinstance(exc, MisconfigurationException):
+            return ConfigError(str(exc).strip().splitlines()[0])
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """A short account of any exception: the user error behind it, else its type and first line."""
+    err = user_error(exc)
+    if err is not None:
+        return str(err)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -57,7 +57,8 @@ def temp_name(final: str | os.PathLike, directory: bool = False) -> Path:
     return final.parent / f".{final.name}.{owner_tag()}.tmp"
 
 
-def _owner_gone(name: str) -> bool:
+def owner_gone(name: str) -> bool:
+    """True if `name` carries the owner tag of a process on this host that has exited."""
     m = _OWNER.search(name)
     if m is None or m["host"] != _HOST:
         return False  # not ours to judge: another machine's, or not a tagged name
@@ -81,7 +82,7 @@ def remove_stale(directory: str | os.PathLike, patterns: tuple[str, ...] = (".tm
         return removed
     for pattern in patterns:
         for p in directory.glob(pattern):
-            if _owner_gone(p.name):
+            if owner_gone(p.name):
                 with contextlib.suppress(OSError):
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                     removed.append(p)

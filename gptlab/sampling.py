@@ -93,3 +93,17 @@ def generate(
     finally:
         model.train(was_training)
     return idx
+
+
+def start_ids(tokenizer, prompt: str | None) -> list[int]:
+    """The prompt's token ids; with no prompt (or an empty one), one token every vocabulary has: the
+    end-of-text token where there is one, else a newline if the corpus had one, else the first token."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if ids:
+        return ids
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    try:
+        return tokenizer.encode("\n") or [0]
+    except Exception:  # a character vocabulary without a newline
+        return [0]

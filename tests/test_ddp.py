@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from gptlab.data import TokenDataModule
-from gptlab.training.module import lr_factor
+from gptlab.training.optim import lr_factor
 
 from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script, train_args
 

@@ -13,7 +13,7 @@ import torch
 from gptlab.checkpoint import COMPILE_PREFIX, model_from_checkpoint
 from gptlab.checkpoint import load as load_checkpoint
 from gptlab.models import build_model
-from gptlab.training.module import lr_factor
+from gptlab.training.optim import lr_factor
 
 from conftest import SHAKESPEARE, TINY, read_scalars, run_script, train_args
 from inprocess import run_sample, run_train

@@ -19,7 +19,7 @@ from gptlab.data.prepare import check_prepared, corpus_files, prepare_corpus
 from gptlab.errors import CheckpointError
 from gptlab.training import LanguageModel
 from gptlab.training.checkpoint_io import AtomicCheckpointIO
-from gptlab.training.module import NonFiniteLossError
+from gptlab.errors import NonFiniteLossError
 
 from conftest import ROOT, SHAKESPEARE, env_for, read_scalars, run_script, train_args
 

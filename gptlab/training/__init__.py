@@ -1,3 +1,4 @@
-from gptlab.training.module import LanguageModel, OptimConfig
+from gptlab.training.module import LanguageModel
+from gptlab.training.optim import OptimConfig
 
 __all__ = ["LanguageModel", "OptimConfig"]

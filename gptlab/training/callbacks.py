@@ -11,15 +11,17 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gptlab.data.tokenizers import tokenizer_from_state
-from gptlab.sampling import generate
+from gptlab.sampling import generate, start_ids
 
 
 class TextSample(L.Callback):
-    """Generates a text sample at each validation and writes it to TensorBoard's TEXT tab."""
+    """Generates a text sample at each validation and writes it to TensorBoard's TEXT tab.
+
+    `prompt`: the text to continue; None starts from one token of the vocabulary (see `start_ids`)."""
 
     def __init__(
         self,
-        prompt: str = "\n",
+        prompt: str | None = None,
         max_new_tokens: int = 200,
         temperature: float = 0.8,
         top_k: int | None = 200,
@@ -35,7 +37,7 @@ class TextSample(L.Callback):
         if trainer.sanity_checking or not pl_module.hparams.get("tokenizer"):
             return
         tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
-        ids = tokenizer.encode(self.prompt) or [tokenizer.eot_id or 0]
+        ids = start_ids(tokenizer, self.prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
         # every rank generates (a sharded model needs all of them), rank 0 writes
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -13,62 +11,21 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gptlab.checkpoint import COMPILE_PREFIX, strip_compile_prefix
-from gptlab.errors import ConfigError, GptlabError
+from gptlab.checkpoint import FORMAT, strip_compile_prefix
+from gptlab.errors import NonFiniteLossError
 from gptlab.models import build_model
-from gptlab.training.muon import Muon
-
-
-class NonFiniteLossError(GptlabError):
-    pass
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices, AdamW for the rest
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # cosine decay ends here; None: the trainer's max_steps
-    fused: bool | None = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
-    muon_lr: float | None = None  # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
-    momentum: float = 0.95  # Muon's (Nesterov) momentum
-    ns_steps: int = 5  # Muon's Newton-Schulz iterations
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        if self.muon_lr is not None and self.muon_lr <= 0:
-            raise ConfigError(f"optim.muon_lr={self.muon_lr}: must be > 0 (or null: optim.lr)")
-        if self.name not in ("adamw", "muon"):
-            raise ConfigError(f"optim.name={self.name!r}: must be 'adamw' or 'muon' (optim=adamw / optim=muon)")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
-
-
-def _plain_name(name: str) -> str:
-    """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile insert."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", COMPILE_PREFIX):
-        name = name.replace(wrapper, "")
-    return name
-
-
-def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `decay_steps`, then flat."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup) / max(1, decay_steps - warmup)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+from gptlab.training.optim import (
+    OptimConfig,
+    ParamRoles,
+    build_optimizer,
+    build_schedule,
+    fused_by_default,
+    param_groups,
+)
 
 
 class LanguageModel(L.LightningModule):
-    """Wraps a model built from `model` (a plain dict: arch, shape, vocab_size, compile, ...).
+    """Wraps a model built from `model` (a plain dict: arch, shape and vocab_size).
 
     The hyperparameters saved with every checkpoint are plain containers (model config, optimizer
     config, tokenizer state), so a checkpoint alone is enough to sample and loads with
@@ -81,14 +38,16 @@ class LanguageModel(L.LightningModule):
         optim: dict[str, Any] | None = None,
         tokenizer: dict[str, Any] | None = None,
         seed: int = 1337,
+        compile: bool | str = False,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # `compile` is how this run executes, not what the checkpoint holds
+        self.save_hyperparameters(ignore=["compile"], logger=False)
         self.model = build_model(dict(model))
         self.optim = OptimConfig(**(optim or {}))
-        self.compile_model = bool(model.get("compile", False))
+        self.compile_model = bool(compile)
         # compile: true uses the default backend (inductor); a string names another (e.g. aot_eager)
-        self.compile_backend = model["compile"] if isinstance(model.get("compile"), str) else "inductor"
+        self.compile_backend = compile if isinstance(compile, str) else "inductor"
         self.seed = seed
         self.val_loss = MeanMetric()
         # progress counters that travel in the checkpoint
@@ -98,15 +57,7 @@ class LanguageModel(L.LightningModule):
         self.validation_seconds = 0.0  # wall-clock spent validating (reported by train.py)
         self._validation_started = 0.0
         self._compiled = False
-        # which parameters are matrices, decided now: FSDP later turns them into flat 1-D shards
-        self._matrix_params = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
-        # Muon's share: the matrices of hidden layers, not the embeddings nor the output head
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
-        head = getattr(self.model, "lm_head", None)
-        self._hidden_matrices = {
-            name for name, p in self.model.named_parameters()
-            if p.dim() == 2 and id(p) not in embeddings and (head is None or p is not head.weight)
-        }
+        self._roles = ParamRoles.of(self.model)  # now: FSDP later turns the matrices into flat 1-D shards
 
     # -- setup ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -177,58 +128,27 @@ class LanguageModel(L.LightningModule):
     # -- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim
-        named = [(_plain_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
-        # weight decay on matrices (Linear weights, embeddings) only, not on biases and LayerNorms
-        muon = cfg.name == "muon"
-        hidden = self._hidden_matrices if muon else set()
-        groups = [
-            {"params": [p for n, p in named if n in self._matrix_params and n not in hidden],
-             "weight_decay": cfg.weight_decay, "name": "decay"},
-            {"params": [p for n, p in named if n not in self._matrix_params], "weight_decay": 0.0,
-             "name": "no_decay"},
-        ]
-        if muon:
-            # last, so that group 0 keeps optim.lr whichever the optimizer
-            groups.append({"params": [p for n, p in named if n in hidden], "weight_decay": cfg.weight_decay,
-                           "name": "muon", "muon": True, "lr": cfg.muon_lr or cfg.lr})
-            try:
-                optimizer = Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum,
-                                 ns_steps=cfg.ns_steps)
-            except ValueError as e:  # e.g. FSDP's flat shards instead of matrices
-                raise ConfigError(f"optim=muon: {e}; use DDP (trainer=ddp) or optim=adamw") from e
-        else:
-            fused = cfg.fused if cfg.fused is not None else self._fused_by_default()
-            optimizer = torch.optim.AdamW(
-                groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {"foreach": True})
-            )
-        decay_steps = cfg.decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 0:
-            raise ConfigError("set trainer.max_steps (or optim.decay_steps): the LR schedule is step-based")
-        ratio = cfg.min_lr / cfg.lr
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio)
-        )
-        # stepped after every optimizer step (not every epoch, not every micro-batch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
-
-    def _fused_by_default(self) -> bool:
-        # The fused kernel makes one pass over all parameters: on the CPU its step is 3x (0.8M params)
-        # to 5x (10.8M) faster than foreach. Lightning refuses gradient clipping with a fused optimizer
-        # under mixed precision (it would unscale gradients itself), so there foreach it is.
+        groups = param_groups(list(self.model.named_parameters()), self._roles, cfg)
         try:
             trainer = self.trainer
         except RuntimeError:  # configure_optimizers called outside a Trainer
             trainer = None
-        if trainer is not None and "mixed" in str(trainer.precision) and trainer.gradient_clip_val:
-            return False
-        return self.device.type in ("cpu", "cuda")
+        fused = cfg.fused
+        if fused is None:
+            fused = fused_by_default(self.device, *((trainer.precision, trainer.gradient_clip_val) if trainer else ()))
+        optimizer = build_optimizer(groups, cfg, fused)
+        scheduler = build_schedule(optimizer, cfg, trainer.max_steps if trainer else None)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # -- checkpoint -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gptlab"] = {
+            "format": FORMAT,
             "tokens_seen": self.tokens_seen,
             "micro_step": self.micro_step,
             "best_val_loss": self.best_val_loss,
+            # the last logged values: a finished run that is resumed (a requeue) reports them
+            "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1},
         }
         # Flush the event files first, so that what a checkpoint claims was logged is on disk.
         for logger in self.loggers:

@@ -1,0 +1,125 @@
+"""One job's life under Hydra: report a failure as one line, leave no debris, and in a multirun
+record the outcome in the job's directory and let the sweep go on.
+
+Each job directory ends with a marker: `DONE` (JSON: metric, value, steps, seconds) or `FAILED` (the
+error on the first line, then the traceback). `gptlab.report` and the sweep tally read them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import one_line, user_error
+from gptlab.files import atomic_write, write_json
+
+DONE, FAILED = "DONE", "FAILED"
+
+
+@dataclass
+class Outcome:
+    """What a finished training job reports (train.py's `fit`)."""
+
+    metric: str
+    value: float
+    steps: int
+    run_dir: Path
+    best_ckpt: str | None = None
+    last_ckpt: str | None = None
+    rank_zero: bool = True
+
+
+def multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_number() -> int | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+
+
+def only_bookkeeping(directory: Path) -> bool:
+    """True if `directory` holds nothing but what Hydra writes at start (.hydra/, *.log)."""
+    return directory.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in directory.iterdir())
+
+
+def remove_debris(directory: Path) -> None:
+    logging.shutdown()  # close train.log before removing it
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure: Callable[[], None] | None = None):
+    """Run `fn`. A single run: a GptlabError becomes `Error: ...` on stderr and exit status 1, other
+    exceptions propagate (a bug's traceback); if the run wrote nothing of its own, its directory goes.
+    A multirun job: any exception is written to `<job dir>/FAILED`, and the job returns None, which the
+    basic sweeper records and the Optuna sweeper marks as a failed trial; the sweep goes on.
+    HYDRA_FULL_ERROR=1 lets every exception through with its traceback."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    fresh = run_dir is not None and only_bookkeeping(run_dir)
+    started = time.perf_counter()
+    try:
+        outcome = fn()
+    except Exception as e:
+        if on_failure is not None:
+            on_failure()
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if multirun() and run_dir is not None:
+            with atomic_write(run_dir / FAILED, "w") as f:
+                f.write(one_line(e) + "\n\n" + traceback.format_exc())
+            print(f"[gptlab] job #{job_number()} failed: {one_line(e)} ({run_dir})", file=sys.stderr)
+            return None
+        if fresh and only_bookkeeping(run_dir):
+            remove_debris(run_dir)
+        if user_error(e) is None:
+            raise
+        print(f"Error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if isinstance(outcome, Outcome):
+        if outcome.rank_zero:
+            write_json(outcome.run_dir / DONE, {
+                "metric": outcome.metric, "value": outcome.value, "steps": outcome.steps,
+                "seconds": round(time.perf_counter() - started, 3),
+                "best_ckpt": outcome.best_ckpt, "last_ckpt": outcome.last_ckpt,
+            })
+        if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
+            _move_bookkeeping(run_dir, outcome.run_dir)
+        return outcome.value
+    return outcome
+
+
+def _move_bookkeeping(hydra_dir: Path, real_run: Path) -> None:
+    """A resumed checkpoint continued in its own run directory: keep the resumed command's config and log
+    there (`.hydra/resumed-<time>/`) instead of leaving a directory that holds nothing else."""
+    dest = real_run / ".hydra" / f"resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    logging.shutdown()
+    for p in hydra_dir.iterdir():
+        for item in (p.iterdir() if p.name == ".hydra" else [p]):
+            shutil.move(str(item), dest / item.name)
+    shutil.rmtree(hydra_dir, ignore_errors=True)
+
+
+def read_marker(job_dir: Path) -> tuple[str, dict[str, Any] | str | None]:
+    """(`finished` | `failed` | `running`, the marker's content)."""
+    if (job_dir / FAILED).is_file():
+        return "failed", (job_dir / FAILED).read_text(errors="replace").split("\n", 1)[0]
+    if (job_dir / DONE).is_file():
+        try:
+            return "finished", json.loads((job_dir / DONE).read_text())
+        except ValueError:
+            return "finished", None
+    return "running", None

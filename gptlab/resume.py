@@ -1,0 +1,88 @@
+"""Which checkpoint a run resumes, and whether it fits: decided before anything is written.
+
+`ckpt_path=<run>/checkpoints/x.ckpt` resumes that checkpoint *in its own run directory*, so the
+trackers and the checkpoints continue where they were. `resume=auto` picks the newest checkpoint
+under `paths.output_dir` (give the run with `hydra.run.dir=<run>`), or starts fresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from gptlab import checkpoint
+from gptlab.errors import CheckpointError, ConfigError
+
+# keys that change neither the parameters nor what the tokens mean: free to differ on resume
+_FREE_KEYS = ("dropout",)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
+    return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
+
+
+def resolve(cfg: DictConfig) -> checkpoint.Info | None:
+    """The checkpoint to resume from (None: start fresh). Points `paths.output_dir` at its run."""
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume") not in (None, "auto"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> to resume a checkpoint")
+    if ckpt_path is None and cfg.get("resume") == "auto":
+        found = newest_checkpoint(Path(cfg.paths.output_dir))
+        ckpt_path = str(found) if found else None
+    if ckpt_path is None:
+        return None
+    path = Path(str(ckpt_path)).expanduser().resolve()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
+    info = checkpoint.info(path)  # the step, config and tokenizer only; Lightning reads the weights
+    if path.parent.name == "checkpoints":
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(path.parent.parent)
+    return info
+
+
+def describe_vocab(state: dict[str, Any] | None) -> str:
+    state = state or {}
+    if state.get("kind") == "char":
+        return f"char, {len(state.get('chars', ''))} characters"
+    if state.get("kind") == "word":
+        return f"word, {len(state.get('words', [])) + 2} words"
+    if state.get("kind") == "bpe":
+        return f"bpe, encoding {state.get('encoding')}"
+    return f"{state.get('kind')} tokenizer"
+
+
+def check_compatible(info: checkpoint.Info, model_cfg: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+    """Refuse a resume whose model shape or vocabulary differs from the checkpoint's, naming the keys."""
+    from gptlab.models import build_model
+
+    if info.tokenizer is not None and info.tokenizer != tokenizer:
+        raise CheckpointError(
+            f"ckpt_path={info.path} was trained with a different vocabulary ({describe_vocab(info.tokenizer)}) "
+            f"than data gives now ({describe_vocab(tokenizer)}); resume with the data config the run was started with"
+        )
+    saved = {k: v for k, v in info.model.items() if k not in _FREE_KEYS}
+    now = {k: v for k, v in model_cfg.items() if k not in _FREE_KEYS}
+    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if not differing:
+        return
+    with torch.device("meta"):  # shapes only, no memory
+        try:
+            mismatch = checkpoint.state_mismatch(build_model(now).state_dict(), build_model(saved).state_dict())
+        except Exception:
+            mismatch = "the checkpoint's model cannot be built with this gptlab"
+    if mismatch:
+        pairs = ", ".join(f"model.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in differing)
+        raise CheckpointError(
+            f"ckpt_path={info.path} has a different model: {pairs}; resume with the model config the run was "
+            f"started with"
+        )
+
+
+def finished(info: checkpoint.Info, max_steps: int | None) -> bool:
+    """A run resumed after its last step (e.g. a requeued job that had completed) has nothing to do."""
+    return max_steps is not None and max_steps >= 0 and info.step >= max_steps

@@ -1,0 +1,128 @@
+"""Optimizer construction: the config, the parameter groups, AdamW or Muon, and the LR schedule.
+
+The LightningModule (`configure_optimizers`) and the raw-loop benchmarks (bench/) build their
+optimizers here, so both sides of a comparison train with the same groups and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from gptlab.checkpoint import COMPILE_PREFIX
+from gptlab.errors import ConfigError
+from gptlab.training.muon import Muon
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices, AdamW for the rest
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine decay ends here; None: the trainer's max_steps
+    fused: bool | None = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
+    muon_lr: float | None = None  # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
+    momentum: float = 0.95  # Muon's (Nesterov) momentum
+    ns_steps: int = 5  # Muon's Newton-Schulz iterations
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.muon_lr is not None and self.muon_lr <= 0:
+            raise ConfigError(f"optim.muon_lr={self.muon_lr}: must be > 0 (or null: optim.lr)")
+        if self.name not in ("adamw", "muon"):
+            raise ConfigError(f"optim.name={self.name!r}: must be 'adamw' or 'muon' (optim=adamw / optim=muon)")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)}: need two values in [0, 1)")
+
+
+def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `decay_steps`, then flat."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup) / max(1, decay_steps - warmup)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", COMPILE_PREFIX):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@dataclass
+class ParamRoles:
+    """Which parameters are matrices (decayed) and which are hidden-layer matrices (Muon's share),
+    decided on the whole model, before FSDP turns them into flat 1-D shards."""
+
+    matrices: set[str]
+    hidden: set[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamRoles:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        head = getattr(model, "lm_head", None)
+        return cls(
+            matrices={n for n, p in model.named_parameters() if p.dim() >= 2},
+            hidden={
+                n for n, p in model.named_parameters()
+                if p.dim() == 2 and id(p) not in embeddings and (head is None or p is not head.weight)
+            },
+        )
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], roles: ParamRoles, cfg: OptimConfig) -> list[dict]:
+    """Weight decay on matrices (Linear weights, embeddings) only, not on biases and norms; with Muon,
+    the hidden matrices form a last group, so that group 0 keeps optim.lr whichever the optimizer."""
+    named = [(plain_name(n), p) for n, p in named if p.requires_grad]
+    hidden = roles.hidden if cfg.name == "muon" else set()
+    groups = [
+        {"params": [p for n, p in named if n in roles.matrices and n not in hidden],
+         "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": [p for n, p in named if n not in roles.matrices], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if hidden:
+        groups.append({"params": [p for n, p in named if n in hidden], "weight_decay": cfg.weight_decay,
+                       "name": "muon", "muon": True, "lr": cfg.muon_lr or cfg.lr})
+    return groups
+
+
+def fused_by_default(device: torch.device, precision: str = "32-true", gradient_clip_val: float | None = None) -> bool:
+    """The fused kernel makes one pass over all parameters: on the CPU its step is 3x (small models) to
+    5x faster than foreach. Lightning refuses gradient clipping with a fused optimizer under mixed
+    precision (it would unscale gradients itself), so there foreach it is."""
+    if "mixed" in str(precision) and gradient_clip_val:
+        return False
+    return device.type in ("cpu", "cuda")
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        try:
+            return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum, ns_steps=cfg.ns_steps)
+        except ValueError as e:  # e.g. FSDP's flat shards instead of matrices
+            raise ConfigError(f"optim=muon: {e}; use DDP (trainer=ddp) or optim=adamw") from e
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int | None):
+    """Warmup + cosine, stepped after every optimizer step (not every epoch, not every micro-batch)."""
+    decay_steps = cfg.decay_steps or max_steps
+    if decay_steps is None or decay_steps < 0:
+        raise ConfigError("set trainer.max_steps (or optim.decay_steps): the LR schedule is step-based")
+    ratio = cfg.min_lr / cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio))
