@@ -1,4 +1,11 @@
-"""Shared test fixtures: the offline data in ../shared/data and helpers to run train.py / sample.py."""
+"""Shared test fixtures: the test corpus, found as gptlab finds it, and helpers to run the entry points.
+
+The corpus (tiny Shakespeare) comes from, in order: $GPTLAB_TEST_DATA (a directory holding
+tinyshakespeare.txt and optionally tiktoken_cache/), ../shared/data/ beside the checkout, or gptlab's
+own cache ($GPTLAB_DATA_DIR or ~/.cache/gptlab), filled once through gptlab's download (sha256-checked).
+tiktoken's GPT-2 files come from a tiktoken_cache/ beside the corpus, else from tiktoken's own cache
+or download.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED / "tinyshakespeare.txt"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+
+
+def _find_corpus() -> tuple[Path | None, str | None]:
+    """(the corpus, None) or (None, why it could not be had)."""
+    for d in (os.environ.get("GPTLAB_TEST_DATA"), ROOT.parent / "shared" / "data"):
+        if d and (Path(d) / "tinyshakespeare.txt").is_file():
+            return Path(d) / "tinyshakespeare.txt", None
+    from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
+    from gptlab.errors import GptlabError
+
+    try:
+        return download(TINY_SHAKESPEARE_URL, default_data_dir() / "corpora" / "tinyshakespeare.txt",
+                        TINY_SHAKESPEARE_SHA256), None
+    except GptlabError as e:
+        return None, str(e)
+
+
+SHAKESPEARE, _MISSING = _find_corpus()
+_CACHE = SHAKESPEARE.parent / "tiktoken_cache" if SHAKESPEARE else None
+TIKTOKEN_CACHE = _CACHE if _CACHE and _CACHE.is_dir() else None
 
 # A tiny model and short run: enough to exercise every code path in seconds on a 2-core CPU.
 TINY = [
@@ -30,25 +54,34 @@ TINY = [
 
 
 def pytest_configure(config):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    if not SHAKESPEARE.is_file():
-        raise pytest.UsageError(f"test data missing: {SHAKESPEARE} (see ../shared/data/README.md)")
+    if SHAKESPEARE is None:
+        raise pytest.UsageError(
+            f"no test corpus: {_MISSING}. Put tinyshakespeare.txt in $GPTLAB_TEST_DATA (or ../shared/data/), "
+            f"or run once with network access"
+        )
+    if TIKTOKEN_CACHE is not None:
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise pytest.UsageError(f"tiktoken cannot load GPT-2's BPE ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR "
+                                f"to a directory with tiktoken's cached files, or run once with network access") from None
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One GPTLAB_DATA_DIR for the session, so the prepared corpus is shared between tests."""
-    return tmp_path_factory.mktemp("gptlab-data")
+    d = tmp_path_factory.mktemp("gptlab-data")
+    os.environ["GPTLAB_DATA_DIR"] = str(d)  # in-process runs prepare here too
+    return d
 
 
 def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(
-        GPTLAB_DATA_DIR=str(data_dir),
-        TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
-    )
+    env.update(GPTLAB_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 
@@ -95,7 +128,9 @@ def read_texts(tb_dir: Path) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir) -> Path:
-    """A 20-step char-level run through train.py, shared by the tests that read its outputs."""
+    """A 20-step char-level run (in-process, as `python train.py` runs it), shared by the tests that read it."""
+    from inprocess import run_train
+
     run_dir = tmp_path_factory.mktemp("run") / "char"
-    run_script("train.py", train_args(run_dir, "trainer.max_steps=20", "trainer.val_check_interval=10"), data_dir)
+    run_train([f"data.path={SHAKESPEARE}", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"], run_dir)
     return run_dir

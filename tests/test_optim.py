@@ -1,5 +1,6 @@
-"""optim=muon: Muon for the hidden matrices and AdamW for the rest, checked against torch's own
-optimizers, its parameter groups, and a run through train.py that resumes to the same numbers."""
+"""Optimizers (gptlab.training.optim): AdamW's groups and fused default; optim=muon, Muon for the hidden
+matrices and AdamW for the rest, checked against torch's own optimizers, and a run that resumes to the
+same numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from gptlab.errors import ConfigError
 from gptlab.training import LanguageModel
 from gptlab.training.muon import Muon, orthogonalize
 
-from conftest import read_scalars, run_script, train_args
+from conftest import SHAKESPEARE, TINY, read_scalars
+from inprocess import run_train
 
 TINY_GPT = {"arch": "gpt", "vocab_size": 65, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 16}
 
@@ -96,14 +98,40 @@ def test_optim_muon_groups_and_errors():
 def test_muon_run_resumes_to_the_same_numbers(tmp_path, data_dir):
     """Muon's momentum buffers travel in the checkpoint (loaded with weights_only=True): 6 steps, then
     6 more after a restart, log what 12 uninterrupted steps log."""
-    common = ["optim=muon", "optim.warmup_steps=2", "optim.decay_steps=12", "trainer.val_check_interval=6"]
+    common = [f"data.path={SHAKESPEARE}", *TINY, "optim=muon", "optim.warmup_steps=2", "optim.decay_steps=12",
+              "trainer.val_check_interval=6"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_script("train.py", train_args(reference, *common, "trainer.max_steps=12"), data_dir)
-    run_script("train.py", train_args(resumed, *common, "trainer.max_steps=6"), data_dir)
-    run_script("train.py", train_args(resumed, *common, "trainer.max_steps=12", "resume=auto"), data_dir)
+    run_train([*common, "trainer.max_steps=12"], reference)
+    run_train([*common, "trainer.max_steps=6"], resumed)
+    run_train([*common, "trainer.max_steps=12", "resume=auto"], resumed)
     ref, got = read_scalars(reference / "tensorboard"), read_scalars(resumed / "tensorboard")
     assert [s for s, _ in got["train/loss"]] == list(range(12))
     np.testing.assert_allclose([v for _, v in got["train/loss"]], [v for _, v in ref["train/loss"]], rtol=0, atol=1e-6)
     assert {"lr/muon", "lr/decay", "lr/no_decay"} <= set(got)
     losses = [v for _, v in ref["train/loss"]]
     assert losses[-1] < losses[0] - 0.5  # it learns
+
+
+@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", 0.0, True),
+                                                    ("bf16-mixed", 1.0, False)])
+def test_fused_adamw_by_default_except_where_lightning_cannot_clip(precision, clip, fused):
+    import lightning as L
+
+    module = LanguageModel(model=TINY_GPT, optim={"decay_steps": 10})
+    module.trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, max_steps=10,
+                               logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    defaults = module.configure_optimizers()["optimizer"].defaults
+    assert bool(defaults["fused"]) is fused and bool(defaults["foreach"]) is not fused
+
+
+def test_weight_decay_groups_survive_flattened_parameters():
+    """FSDP (use_orig_params) shows each parameter as a flat 1-D shard when the optimizer is built."""
+    module = LanguageModel(model=TINY_GPT, optim={"decay_steps": 10})
+    matrices = {id(p) for p in module.model.parameters() if p.dim() >= 2}
+    assert matrices
+    for p in module.model.parameters():
+        p.data = p.data.reshape(-1)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert {id(p) for p in decay["params"]} == matrices
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
