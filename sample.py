@@ -11,20 +11,21 @@ from omegaconf import DictConfig
 from gptlab import checkpoint
 from gptlab.checkpoint import model_from_checkpoint
 from gptlab.cli import pick_device, user_errors
-from gptlab.data.tokenizers import BPETokenizer, tokenizer_from_state
+from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.sampling import check_sampling_args, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | Path):
-    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face GPT-2 directory."""
+def load_model(path: str | Path, tokenizer: str | None = None):
+    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face GPT-2 directory
+    (`tokenizer`: the directory's tokenizer when it names none, see gptlab/hf/tokenizer.py)."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
-        from gptlab.models.hf import load_hf_gpt2
+        from gptlab.hf import load_hf_model
 
-        return load_hf_gpt2(path), BPETokenizer("gpt2")
+        return load_hf_model(path, tokenizer)
     ckpt = checkpoint.load(path)
     model, hparams = model_from_checkpoint(ckpt, path)
     if not hparams.get("tokenizer"):
@@ -48,7 +49,7 @@ def sample(cfg: DictConfig) -> list[str]:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     device = pick_device(cfg.device)
-    model, tokenizer = load_model(cfg.ckpt_path)
+    model, tokenizer = load_model(cfg.ckpt_path, cfg.get("tokenizer"))
     model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
     if cfg.compile:  # true: the default backend (inductor); a string names another, e.g. aot_eager
         model.compile(**({"backend": cfg.compile} if isinstance(cfg.compile, str) else {}))

@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> float | None:
         seed=cfg.seed,
     )
     if model_cfg.get("init_from"):
-        from gptlab.models.hf import load_pretrained_into
+        from gptlab.hf import load_pretrained_into
 
         load_pretrained_into(module.model, model_cfg["init_from"])
 
