@@ -459,7 +459,7 @@ def test_non_gpt2_checkpoints_are_rejected(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"n_embd": "abc"}, "n_embd='abc' is not a positive integer"),
+        ({"n_embd": "abc"}, "bad/config.json: n_embd='abc' is not a positive integer"),
         ({"n_layer": -2}, "n_layer=-2 is not a positive integer"),
         ({"n_head": 0}, "n_head=0 is not a positive integer"),
         ({"vocab_size": 100.5}, "vocab_size=100.5 is not a positive integer"),

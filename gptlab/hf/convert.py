@@ -46,7 +46,7 @@ class Converted:
 def _read(path_or_id: str | os.PathLike, tokenizer: str | None) -> tuple[GPT, Tokenizer, dict[str, Any], str]:
     """(model, tokenizer, tokenizer state, where the tokenizer came from) of a Hugging Face GPT-2."""
     directory = resolve_dir(path_or_id)
-    cfg = gpt2.hf_config_to_model_cfg(read_config(directory))
+    cfg = gpt2.hf_config_to_model_cfg(read_config(directory), str(directory / "config.json"))
     if tokenizer:  # an explicit choice wins over whatever the directory holds
         state, origin = override_state(tokenizer), f"tokenizer={tokenizer}"
     elif (directory / TOKENIZER_FILE).is_file():
@@ -70,7 +70,7 @@ def load_pretrained_into(model: nn.Module, path_or_id: str | os.PathLike) -> nn.
         checkpoint.load_weights(model, checkpoint.model_state(checkpoint.load(path)), str(path))
         return model
     directory = resolve_dir(path_or_id)
-    cfg = gpt2.hf_config_to_model_cfg(read_config(directory))
+    cfg = gpt2.hf_config_to_model_cfg(read_config(directory), str(directory / "config.json"))
     gpt2.copy_into(model, cfg, gpt2.to_gptlab_state(cfg, read_state(directory), str(directory)), str(path_or_id))
     return model
 

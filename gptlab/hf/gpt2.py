@@ -51,73 +51,73 @@ def hf_shape(key: str, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
 # config.json <-> gptlab model config
 
 
-def _wrong(key: str, value: Any, expected: str) -> CheckpointError:
-    return CheckpointError(f"config.json: {key}={value!r} is not {expected}")
+def _wrong(source: str, key: str, value: Any, expected: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {key}={value!r} is not {expected}")
 
 
-def _size(config: dict[str, Any], key: str) -> int:
+def _size(config: dict[str, Any], key: str, source: str) -> int:
     if key not in config:
-        raise CheckpointError(f"config.json has no {key}; a GPT-2 config.json states {', '.join(SIZE_KEYS)}")
+        raise CheckpointError(f"{source} has no {key}; a GPT-2 config.json states {', '.join(SIZE_KEYS)}")
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _wrong(key, value, "a positive integer")
+        raise _wrong(source, key, value, "a positive integer")
     return value
 
 
-def _architecture(config: dict[str, Any]) -> None:
+def _architecture(config: dict[str, Any], source: str) -> None:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list):
-        raise _wrong("architectures", architectures, "a list of class names")
+        raise _wrong(source, "architectures", architectures, "a list of class names")
     if model_type is not None and model_type != "gpt2":
         raise CheckpointError(
-            f"config.json: model_type={model_type!r} is not GPT-2; only model_type 'gpt2' checkpoints "
+            f"{source}: model_type={model_type!r} is not GPT-2; only model_type 'gpt2' checkpoints "
             f"(GPT2LMHeadModel) can be loaded into gptlab's GPT"
         )
     foreign = [a for a in architectures if not str(a).startswith("GPT2")]
     if foreign:
         raise CheckpointError(
-            f"config.json: architectures={architectures} is not GPT-2; only GPT2LMHeadModel / GPT2Model "
+            f"{source}: architectures={architectures} is not GPT-2; only GPT2LMHeadModel / GPT2Model "
             f"checkpoints can be loaded into gptlab's GPT"
         )
     if model_type is None and not architectures:
-        raise CheckpointError("config.json names neither model_type nor architectures; expected model_type 'gpt2'")
+        raise CheckpointError(f"{source} names neither model_type nor architectures; expected model_type 'gpt2'")
 
 
-def hf_config_to_model_cfg(config: dict[str, Any]) -> dict[str, Any]:
+def hf_config_to_model_cfg(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
     """The gptlab model config (a `conf/model/*.yaml`-style dict) of a Hugging Face GPT-2 config.json.
 
     Every value is checked: a wrong type, a missing size or an option gptlab's GPT lacks is one
-    CheckpointError that names the key and its value."""
+    CheckpointError that names the key and its value (`source`: the file, for the message)."""
     if not isinstance(config, dict):
-        raise CheckpointError(f"config.json must hold a JSON object, not {type(config).__name__}")
-    _architecture(config)
-    sizes = {key: _size(config, key) for key in SIZE_KEYS}
+        raise CheckpointError(f"{source} must hold a JSON object, not {type(config).__name__}")
+    _architecture(config, source)
+    sizes = {key: _size(config, key, source) for key in SIZE_KEYS}
     if sizes["n_embd"] % sizes["n_head"]:
         raise CheckpointError(
-            f"config.json: n_embd={sizes['n_embd']} is not a multiple of n_head={sizes['n_head']}"
+            f"{source}: n_embd={sizes['n_embd']} is not a multiple of n_head={sizes['n_head']}"
         )
     get = {key: config.get(key, default) for key, default in DEFAULTS.items()}
     eps = get["layer_norm_epsilon"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1 or not math.isfinite(eps):
-        raise _wrong("layer_norm_epsilon", eps, "a number between 0 and 1")
+        raise _wrong(source, "layer_norm_epsilon", eps, "a number between 0 and 1")
     if not isinstance(get["tie_word_embeddings"], bool):
-        raise _wrong("tie_word_embeddings", get["tie_word_embeddings"], "true or false")
+        raise _wrong(source, "tie_word_embeddings", get["tie_word_embeddings"], "true or false")
     activation = get["activation_function"]
     if activation not in TANH_GELUS:
         raise CheckpointError(
-            f"config.json: activation_function={activation!r} is not supported; gptlab's GPT uses GELU with "
+            f"{source}: activation_function={activation!r} is not supported; gptlab's GPT uses GELU with "
             f"the tanh approximation ({' / '.join(TANH_GELUS)})"
         )
     n_inner = config.get("n_inner")
     if n_inner is not None and n_inner != 4 * sizes["n_embd"]:
         raise CheckpointError(
-            f"config.json: n_inner={n_inner!r} is not supported; gptlab's MLP is 4 * n_embd = {4 * sizes['n_embd']}"
+            f"{source}: n_inner={n_inner!r} is not supported; gptlab's MLP is 4 * n_embd = {4 * sizes['n_embd']}"
         )
     # options of GPT2Config that change the computation and that gptlab's GPT does not have
     for key, supported in FIXED_OPTIONS.items():
         if key in config and config[key] is not supported:
-            raise CheckpointError(f"config.json: {key}={config[key]!r} is not supported (gptlab's GPT has {supported})")
+            raise CheckpointError(f"{source}: {key}={config[key]!r} is not supported (gptlab's GPT has {supported})")
     return {
         "arch": "gpt",
         "vocab_size": sizes["vocab_size"],

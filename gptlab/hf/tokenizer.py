@@ -8,9 +8,10 @@ import or sample.py takes from a directory. gptlab never guesses a vocabulary:
 3. else the caller must name the tokenizer (`--tokenizer gpt2`, sample.py `tokenizer=gpt2`, or the
    path of a gptlab_tokenizer.json), or the import stops with one line saying so.
 
-An export of a GPT-2 BPE model also writes GPT-2's Hugging Face files (derived from tiktoken, byte
-for byte the files of the `gpt2` hub repo), so `AutoTokenizer.from_pretrained(dir)` works; any
-other tokenizer that has a `to_hf_files(directory)` method writes its own.
+An export of a GPT-2 BPE model also writes GPT-2's Hugging Face files, derived from tiktoken
+(vocab.json and merges.txt byte for byte OpenAI's, as the `gpt2` hub repo has them, plus
+tokenizer.json), so `AutoTokenizer.from_pretrained(dir)` works; a tokenizer that has a
+`to_hf_files(directory)` method writes its own files instead.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_c
 GPT2_ENCODINGS = ("gpt2", "r50k_base")  # tiktoken's names of GPT-2's byte-level BPE
 GPT2_VOCAB_SIZE = 50257
 OVERRIDE_HINT = (
-    "name the tokenizer the model was trained with: python -m gptlab.hf import ... --tokenizer gpt2 "
-    "(sample.py: tokenizer=gpt2), or the path of its gptlab_tokenizer.json"
+    "gptlab does not guess a vocabulary, so name the model's tokenizer: python -m gptlab.hf import ... "
+    "--tokenizer gpt2 (sample.py: tokenizer=gpt2), or the path of a gptlab_tokenizer.json instead of gpt2"
 )
 
 
@@ -141,36 +142,40 @@ def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, str]:
 def _not_gpt2(directory: Path, file: str, why: str) -> CheckpointError:
     return CheckpointError(
         f"{directory / file} is not GPT-2's byte-level BPE ({why}) and the directory has no {TOKENIZER_FILE}; "
-        f"gptlab does not guess a vocabulary: {OVERRIDE_HINT}"
+        f"{OVERRIDE_HINT}"
     )
 
 
-def _hf_vocab_merges(directory: Path) -> tuple[str, dict[str, int], list[str]] | None:
-    """(file, vocab, merges) of the directory's Hugging Face tokenizer files; None if there are none."""
+def _merge(m: Any) -> str:
+    # tokenizers writes a merge as "a b" (before 0.20) or ["a", "b"]
+    return " ".join(m) if isinstance(m, list) and all(isinstance(x, str) for x in m) else str(m)
+
+
+def _hf_vocab_merges(directory: Path) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(file, vocab, merges) of each Hugging Face tokenizer file set in the directory."""
     from gptlab.hf.weights import read_json
 
+    found = []
     fast = directory / "tokenizer.json"
     if fast.is_file():
         spec = read_json(fast, "a tokenizers JSON object")
-        model = spec.get("model") or {}
-        pre = spec.get("pre_tokenizer") or {}
+        model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        pre = spec.get("pre_tokenizer") if isinstance(spec.get("pre_tokenizer"), dict) else {}
         if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise _not_gpt2(directory, fast.name, f"model type {model.get('type')!r}, not BPE")
         if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
             raise _not_gpt2(directory, fast.name, f"pre_tokenizer {pre.get('type')!r}, not GPT-2's ByteLevel")
         vocab = dict(model["vocab"])
-        vocab.update({t["content"]: t["id"] for t in spec.get("added_tokens") or [] if isinstance(t, dict)})
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-        return fast.name, vocab, merges
+        vocab.update({t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)})
+        found.append((fast.name, vocab, [_merge(m) for m in model.get("merges") or []]))
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         vocab = read_json(directory / "vocab.json", "a vocabulary")
         try:
             lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {directory / 'merges.txt'}: {e}") from None
-        merges = [line for line in lines if line and not line.startswith("#version")]
-        return "vocab.json", vocab, merges
-    return None
+        found.append(("vocab.json", vocab, [line for line in lines if line and not line.startswith("#version")]))
+    return found
 
 
 def directory_state(directory: Path) -> dict[str, Any]:
@@ -181,19 +186,19 @@ def directory_state(directory: Path) -> dict[str, Any]:
     if own.is_file():
         return read_json(own, "a gptlab tokenizer state")
     found = _hf_vocab_merges(directory)
-    if found is None:
+    if not found:
         raise CheckpointError(
             f"{directory} has neither {TOKENIZER_FILE} nor Hugging Face tokenizer files (tokenizer.json, "
-            f"vocab.json + merges.txt); gptlab does not guess a vocabulary: {OVERRIDE_HINT}"
+            f"vocab.json + merges.txt); {OVERRIDE_HINT}"
         )
-    file, vocab, merges = found
-    if len(vocab) != GPT2_VOCAB_SIZE:
-        raise _not_gpt2(directory, file, f"{len(vocab)} tokens, not {GPT2_VOCAB_SIZE}")
-    gpt2_vocab, gpt2_merges = gpt2_vocab_merges()
-    if vocab != gpt2_vocab:
-        raise _not_gpt2(directory, file, "its token ids differ from GPT-2's")
-    if tuple(merges) != gpt2_merges:
-        raise _not_gpt2(directory, file, "its merges differ from GPT-2's")
+    for file, vocab, merges in found:  # every file set present must be GPT-2's
+        if len(vocab) != GPT2_VOCAB_SIZE:
+            raise _not_gpt2(directory, file, f"{len(vocab)} tokens, not {GPT2_VOCAB_SIZE}")
+        gpt2_vocab, gpt2_merges = gpt2_vocab_merges()
+        if vocab != gpt2_vocab:
+            raise _not_gpt2(directory, file, "its token ids differ from GPT-2's")
+        if tuple(merges) != gpt2_merges:
+            raise _not_gpt2(directory, file, "its merges differ from GPT-2's")
     return {"kind": "bpe", "encoding": "gpt2"}
 
 
