@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from gptlab import checkpoint  # noqa: E402
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
 from gptlab.errors import CheckpointError, ConfigError  # noqa: E402
-from gptlab.files import FilesystemError  # noqa: E402
+from gptlab.files import FilesystemError, temp_name  # noqa: E402
 from gptlab.hf import export_checkpoint, import_checkpoint, load_hf_model, load_pretrained_into  # noqa: E402
 from gptlab.hf.cli import main as hf_main  # noqa: E402
 from gptlab.hf.export import export_hf  # noqa: E402
@@ -662,6 +662,14 @@ def test_export_into_an_earlier_export_replaces_its_files(tmp_path):
     export_hf(small, out, CharTokenizer("abcdefghij"))
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "gptlab_tokenizer.json", "model.safetensors"]
     assert load_hf_model(out)[1].vocab_size == 10
+    # the staging directory of an export that was killed is cleared by the next one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = temp_name(out, directory=True)
+    debris = debris.with_name(debris.name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-"))
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half")
+    export_hf(small, tmp_path / "other")
+    assert not debris.exists() and sorted(os.listdir(tmp_path)) == ["other", "out"]
 
 
 # ----------------------------------------------------------------------------------------------
