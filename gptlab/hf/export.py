@@ -1,9 +1,10 @@
 """Writing a Hugging Face GPT-2 directory, all or nothing.
 
-Every file is written into a hidden sibling directory first (`.tmp-<name>-<host>-<pid>-...`), fsynced,
-and only then moved into place: a new directory is one rename, an existing one gets each file by
-`os.replace`. A full disk, a read-only filesystem or a crash while writing leaves the target as it
-was (and `gptlab.files.remove_stale` clears a dead writer's staging directory).
+Every file is written into a hidden staging directory first (`.tmp-<name>-<host>-<pid>-...`, beside a
+new directory or inside an existing one), fsynced, and only then moved into place: a new directory
+is one rename, an existing one gets each file by `os.replace`. A full disk, a read-only filesystem
+or a crash while writing leaves the target as it was (and `gptlab.files.remove_stale` clears a
+dead writer's staging directory).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def staged(out: Path) -> Iterator[Path]:
     An OSError anywhere becomes one FilesystemError line naming the file under `out`; on any
     failure the staging directory and the parents this call created are removed."""
     made: list[Path] = []
-    stage = temp_name(out, directory=True)
+    # inside an existing directory (the same filesystem as its files, even if it is a mount point), else beside it
+    stage = temp_name(out / "export", directory=True) if out.is_dir() else temp_name(out, directory=True)
 
     def final(e: OSError) -> Path:
         name = Path(str(e.filename)) if e.filename else None
@@ -60,12 +62,12 @@ def staged(out: Path) -> Iterator[Path]:
 
     try:
         made = _made_parents(out)
-        remove_stale(out.parent)
+        remove_stale(stage.parent)
         stage.mkdir()
         yield stage
         for file in stage.iterdir():
             _fsync(file)
-        if out.is_dir():
+        if stage.parent == out:
             written = sorted(p.name for p in stage.iterdir())
             for name in written:
                 os.replace(stage / name, out / name)
