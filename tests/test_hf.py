@@ -58,7 +58,8 @@ def make_hf(directory: Path, seed: int = 0, fmt: str = "safetensors", scale: flo
 
     Every parameter is random (LayerNorm gains around 1, biases non-zero, an untied head different
     from the embedding), so a forgotten transpose or a dropped bias cannot go unnoticed.
-    fmt: "safetensors" (save_pretrained), "sharded" (save_pretrained in several files), "bin" (pytorch_model.bin, transformers' key names) or
+    fmt: "safetensors" (save_pretrained), "sharded" (save_pretrained in several files), "bin"
+    (pytorch_model.bin, transformers' key names) or
     "openai_bin" (OpenAI's original GPT-2 file: no `transformer.` prefix, attn.bias/masked_bias buffers).
     """
     torch.manual_seed(seed)
@@ -89,7 +90,8 @@ def make_hf(directory: Path, seed: int = 0, fmt: str = "safetensors", scale: flo
         torch.save(state, directory / "pytorch_model.bin")
     else:
         raise ValueError(fmt)
-    assert fmt == "sharded" or (directory / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")).is_file()
+    weights = {"safetensors": "model.safetensors", "sharded": "model.safetensors.index.json"}
+    assert (directory / weights.get(fmt, "pytorch_model.bin")).is_file()
     return model
 
 
@@ -513,7 +515,8 @@ def test_unreadable_sources_give_clear_errors(tmp_path, small_hf):
     (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", **dict(SMALL)}))
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
         read_hf(empty)
-    (empty / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "model-1.safetensors"}}))
+    index = {"weight_map": {"wte.weight": "model-1.safetensors"}}
+    (empty / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"model-1\.safetensors is not a readable safetensors file"):
         read_hf(empty)
     (empty / "model.safetensors.index.json").unlink()
@@ -538,7 +541,7 @@ def test_export_needs_gpt2_options(tmp_path):
     model.transformer.h[0].mlp.gelu = torch.nn.GELU()
     with pytest.raises(ConfigError, match=r"transformer\.h\.0\.mlp\.gelu"):
         export_hf(model, tmp_path / "d")
-    with pytest.raises(ConfigError, match="the char tokenizer has 12 tokens but the model's vocab_size is 10"):
+    with pytest.raises(CheckpointError, match="the char tokenizer has 12 tokens but the model's vocab_size is 10"):
         export_hf(build_model(small), tmp_path / "e" / "f", CharTokenizer("abcdefghijkl"))
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -680,7 +683,8 @@ def test_export_into_an_earlier_export_replaces_its_files(tmp_path):
 def small_disk(tmp_path) -> Path:
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
     try:
@@ -709,7 +713,7 @@ def test_full_and_read_only_disks(small_disk, tmp_path):
     hf_dir = tmp_path / "hf"
     export_hf(big, hf_dir, CharTokenizer("ab"))
     ckpt = small_disk / "model.ckpt"
-    gptlab_ckpt(ckpt, dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8), CharTokenizer("ab").state_dict())
+    gptlab_ckpt(ckpt, dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8), {"kind": "char", "chars": "ab"})
     saved = sha(ckpt)
     assert hf_main(["import", str(hf_dir), str(ckpt)]) == 1
     assert sha(ckpt) == saved and sorted(os.listdir(small_disk)) == ["model.ckpt", "out"]
@@ -753,7 +757,8 @@ def test_cli_subprocess_smoke(tmp_path):
     cmd = [sys.executable, "-m", "gptlab.hf", "export", str(ckpt), str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert one_line(proc.stdout) and "GPT-2 with" in proc.stdout and (tmp_path / "out" / "gptlab_tokenizer.json").is_file()
+    assert one_line(proc.stdout) and "GPT-2 with" in proc.stdout
+    assert (tmp_path / "out" / "gptlab_tokenizer.json").is_file()
 
 
 def _compose_train(overrides: list[str]):

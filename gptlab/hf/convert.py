@@ -88,8 +88,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) 
     """gptlab .ckpt -> Hugging Face GPT-2 directory (with the checkpoint's tokenizer)."""
     model, hparams = checkpoint.model_from_checkpoint(checkpoint.load(ckpt_path), ckpt_path)
     state = hparams.get("tokenizer")
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", 0)
-    tok = build(state, vocab_size, f"{ckpt_path} (tokenizer)") if state else None
+    tok = build(state, model.config.vocab_size, f"{ckpt_path} (tokenizer)") if state else None
     out, files = export_hf(model, out_dir, tok)
     if tok is None:
         note = "no tokenizer (the checkpoint has none; an import needs --tokenizer)"
@@ -108,7 +107,8 @@ def import_checkpoint(
     if out.is_dir():
         raise ConfigError(f"{out} is a directory; give the checkpoint file to write, e.g. {out / 'gpt2.ckpt'}")
     model, tok, state, origin = _read(path_or_id, tokenizer)
-    ckpt = checkpoint.new_checkpoint({"arch": "gpt", **dataclasses.asdict(model.config)}, model.state_dict(), state, source=str(path_or_id))
+    model_cfg = {"arch": "gpt", **dataclasses.asdict(model.config)}
+    ckpt = checkpoint.new_checkpoint(model_cfg, model.state_dict(), state, source=str(path_or_id))
     checkpoint.save(ckpt, out)
     note = f"{describe(state)} tokenizer ({tok.vocab_size} tokens, from {origin}); sample.py ckpt_path={out}"
     return Converted(str(path_or_id), out, model.num_params(), note, [])

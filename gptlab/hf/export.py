@@ -20,7 +20,7 @@ from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import ConfigError
 from gptlab.files import fs_error, remove_stale, temp_name
 from gptlab.hf.gpt2 import hf_state_dict, model_cfg_to_hf_config
-from gptlab.hf.tokenizer import HF_TOKENIZER_FILES, TOKENIZER_FILE, tokenizer_files
+from gptlab.hf.tokenizer import HF_TOKENIZER_FILES, TOKENIZER_FILE, check_fits, tokenizer_files
 from gptlab.hf.weights import INSTALL_HINT
 from gptlab.models.gpt import GPT
 
@@ -107,11 +107,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer | Non
     config = model_cfg_to_hf_config(model, eot)
     files: dict[str, str] = {}
     if tokenizer is not None:
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ConfigError(
-                f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                f"is {model.config.vocab_size}; they do not belong together"
-            )
+        check_fits(tokenizer, model.config.vocab_size, "export")
         files = tokenizer_files(tokenizer, model.config.block_size)
         if "vocab.json" in files:
             config["tokenizer_class"] = "GPT2Tokenizer"

@@ -52,12 +52,17 @@ def build(state: dict[str, Any], vocab_size: int, source: str) -> Tokenizer:
         raise CheckpointError(f"{source}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{source} is not a gptlab tokenizer state ({type(e).__name__}: {e})") from None
+    check_fits(tokenizer, vocab_size, source)
+    return tokenizer
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, source: str) -> None:
+    """A tokenizer may have fewer tokens than the model's embedding rows (a padded vocabulary), never more."""
     if tokenizer.vocab_size > vocab_size:
         raise CheckpointError(
-            f"{source}: the {describe(state)} tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {vocab_size}; they do not belong together"
+            f"{source}: the {describe(tokenizer.state_dict())} tokenizer has {tokenizer.vocab_size} tokens but "
+            f"the model's vocab_size is {vocab_size}; they do not belong together"
         )
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
