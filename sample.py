@@ -24,6 +24,7 @@ class SampleConfig:
     """conf/sample.yaml's keys and their types (checked before anything is loaded)."""
 
     ckpt_path: str | None = None
+    tokenizer: str | None = None
     prompt: str | None = None
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -57,14 +58,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_model(path: str | Path):
-    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face model directory."""
+def load_model(path: str | Path, tokenizer: str | None = None):
+    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face model directory
+    (`tokenizer`: the directory's tokenizer when it names none, see gptlab/hf/tokenizer.py)."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
-        from gptlab.models.hf import load_hf_gpt2
-        from gptlab.data.tokenizers import BPETokenizer
+        from gptlab.hf import load_hf_model
 
-        return load_hf_gpt2(path), BPETokenizer("gpt2")
+        return load_hf_model(path, tokenizer)
     ckpt = checkpoint.load(path)
     model, hparams = checkpoint.model_from_checkpoint(ckpt, path)
     if not hparams.get("tokenizer"):
@@ -94,7 +95,7 @@ def sample(cfg: DictConfig) -> list[str]:
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.ckpt_path)
+    model, tokenizer = load_model(args.ckpt_path, args.tokenizer)
     model.to(device=device, dtype=DTYPES[args.dtype]).eval()
     if args.compile:  # true: the default backend (inductor); a string names another, e.g. aot_eager
         model.compile(**({"backend": args.compile} if isinstance(args.compile, str) else {}))

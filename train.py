@@ -74,7 +74,7 @@ def fit(cfg: DictConfig) -> Outcome:
         compile=cfg.get("compile", False),
     )
     if cfg.get("init_from"):
-        from gptlab.models.hf import load_pretrained_into
+        from gptlab.hf import load_pretrained_into
 
         load_pretrained_into(module.model, cfg.init_from)
 

@@ -46,7 +46,13 @@ def save(checkpoint: dict[str, Any], path: str | Path) -> Path:
     """Write `checkpoint` to `path` atomically: a crash or a full disk leaves the previous file intact."""
     path = Path(path)
     with atomic_write(path, "wb", what="write the checkpoint") as f:
-        torch.save(checkpoint, f)
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write (a full disk) into a RuntimeError; the OSError is its context
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     return path
 
 

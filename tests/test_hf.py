@@ -1,16 +1,20 @@
-"""Hugging Face GPT-2 import/export (gptlab.models.hf) against transformers' own GPT2LMHeadModel.
+"""Hugging Face GPT-2 import/export (gptlab.hf) against transformers' own GPT2LMHeadModel.
 
 Everything is offline: the Hugging Face models are small random GPT-2s built and saved with
-transformers itself, in the layouts found in the wild (safetensors, pytorch_model.bin with and
-without the `transformer.` prefix, tied and untied heads).
+transformers itself, in the layouts found in the wild (safetensors, sharded safetensors,
+pytorch_model.bin with and without the `transformer.` prefix, tied and untied heads). GPT-2's
+original tokenizer files (encoder.json = vocab.json, vocab.bpe = merges.txt) come from tiktoken's
+offline cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,22 +29,24 @@ pytest.importorskip("safetensors")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from gptlab import checkpoint  # noqa: E402
+from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
 from gptlab.errors import CheckpointError, ConfigError  # noqa: E402
+from gptlab.files import FilesystemError, temp_name  # noqa: E402
+from gptlab.hf import export_checkpoint, import_checkpoint, load_hf_model, load_pretrained_into  # noqa: E402
+from gptlab.hf.cli import main as hf_main  # noqa: E402
+from gptlab.hf.export import export_hf  # noqa: E402
+from gptlab.hf.gpt2 import copy_into, hf_config_to_model_cfg, to_gptlab_state  # noqa: E402
+from gptlab.hf.weights import read_config, read_state, resolve_dir  # noqa: E402
 from gptlab.models import build_model  # noqa: E402
-from gptlab.models.hf import (  # noqa: E402
-    export_hf,
-    hf_config_to_model_cfg,
-    load_hf_gpt2,
-    load_pretrained_into,
-    main as hf_main,
-    read_hf_state_dict,
-)
 from gptlab.sampling import generate  # noqa: E402
+from inprocess import run_sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+CHARS = "abcdefgh \n"  # a char tokenizer small enough for every random model here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +58,8 @@ def make_hf(directory: Path, seed: int = 0, fmt: str = "safetensors", scale: flo
 
     Every parameter is random (LayerNorm gains around 1, biases non-zero, an untied head different
     from the embedding), so a forgotten transpose or a dropped bias cannot go unnoticed.
-    fmt: "safetensors" (save_pretrained), "bin" (pytorch_model.bin, transformers' key names) or
+    fmt: "safetensors" (save_pretrained), "sharded" (save_pretrained in several files), "bin"
+    (pytorch_model.bin, transformers' key names) or
     "openai_bin" (OpenAI's original GPT-2 file: no `transformer.` prefix, attn.bias/masked_bias buffers).
     """
     torch.manual_seed(seed)
@@ -66,6 +73,9 @@ def make_hf(directory: Path, seed: int = 0, fmt: str = "safetensors", scale: flo
     directory.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         model.save_pretrained(directory)
+    elif fmt == "sharded":
+        model.save_pretrained(directory, max_shard_size="40KB")
+        assert (directory / "model.safetensors.index.json").is_file() and len(list(directory.glob("*.safetensors"))) > 2
     elif fmt == "bin":
         config.save_pretrained(directory)
         torch.save(model.state_dict(), directory / "pytorch_model.bin")
@@ -80,7 +90,8 @@ def make_hf(directory: Path, seed: int = 0, fmt: str = "safetensors", scale: flo
         torch.save(state, directory / "pytorch_model.bin")
     else:
         raise ValueError(fmt)
-    assert (directory / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")).is_file()
+    weights = {"safetensors": "model.safetensors", "sharded": "model.safetensors.index.json"}
+    assert (directory / weights.get(fmt, "pytorch_model.bin")).is_file()
     return model
 
 
@@ -94,6 +105,55 @@ def hf_greedy(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int) -> torch.Ten
     )
     assert out.shape == (prompt.size(0), prompt.size(1) + n)
     return out
+
+
+def read_hf(source) -> tuple[dict, dict]:
+    """(gptlab model config, gptlab-layout state dict) of a Hugging Face GPT-2, as an import reads it."""
+    directory = resolve_dir(source)
+    cfg = hf_config_to_model_cfg(read_config(directory))
+    return cfg, to_gptlab_state(cfg, read_state(directory), str(directory))
+
+
+def char_file(directory: Path, chars: str = CHARS) -> Path:
+    """A gptlab_tokenizer.json-style file of a char tokenizer, for models saved without a tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / "chars.json"
+    file.write_text(json.dumps(CharTokenizer(chars).state_dict()))
+    return file
+
+
+def load_hf_gpt2(directory: Path):
+    return load_hf_model(directory, str(char_file(directory.parent / "tok")))[0]
+
+
+def gptlab_ckpt(path: Path, model_cfg: dict, tokenizer: dict | None, seed: int = 0) -> Path:
+    """A gptlab checkpoint of a random model, in the layout training writes."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg)
+    return checkpoint.save(checkpoint.new_checkpoint(model_cfg, model.state_dict(), tokenizer), path)
+
+
+def openai_gpt2_files() -> dict[str, bytes]:
+    """GPT-2's original vocabulary files (the gpt2 hub repo's vocab.json and merges.txt), from tiktoken's cache."""
+    found = {}
+    if TIKTOKEN_CACHE.is_dir():
+        for file in TIKTOKEN_CACHE.iterdir():
+            data = file.read_bytes()
+            if data.startswith(b"#version: 0.2"):
+                found["merges.txt"] = data
+            elif data.startswith(b'{"!": 0'):
+                found["vocab.json"] = data
+    if len(found) != 2:
+        pytest.skip(f"GPT-2's encoder.json / vocab.bpe are not in the offline tiktoken cache {TIKTOKEN_CACHE}")
+    return found
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_line(text: str) -> bool:
+    return text.strip() != "" and "\n" not in text.strip() and "Traceback" not in text
 
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32)
@@ -114,6 +174,16 @@ def small_hf(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
     return directory, make_hf(directory, seed=1, **SMALL)
 
 
+@pytest.fixture(scope="module")
+def gpt2_vocab_hf(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
+    """A tiny random GPT-2 with GPT-2's vocabulary and the gpt2 hub repo's vocab.json / merges.txt."""
+    directory = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    hf = make_hf(directory, seed=7, scale=0.5, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=64)
+    for name, data in openai_gpt2_files().items():
+        (directory / name).write_bytes(data)
+    return directory, hf
+
+
 # ----------------------------------------------------------------------------------------------
 # import -> same logits and greedy tokens as transformers; export -> transformers loads it back
 
@@ -123,9 +193,9 @@ def small_hf(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
     [
         pytest.param("safetensors", dict(SMALL, tie_word_embeddings=True), id="2L-2H-32-tied-safetensors"),
         pytest.param(
-            "safetensors",
+            "sharded",
             dict(n_layer=3, n_head=4, n_embd=64, vocab_size=257, n_positions=64, tie_word_embeddings=False),
-            id="3L-4H-64-untied-safetensors",
+            id="3L-4H-64-untied-sharded-safetensors",
         ),
         pytest.param(
             "bin",
@@ -166,15 +236,15 @@ def test_import_export_roundtrip(tmp_path, fmt, kwargs):
     for use_cache in (True, False):
         assert torch.equal(generate(model, prompt, n_new, greedy=True, use_cache=use_cache), expected)
 
-    # export back; transformers loads every weight and computes the same logits
-    out = export_hf(model, tmp_path / "export")
+    # export back (no tokenizer); transformers loads every weight and computes the same logits
+    out, files = export_hf(model, tmp_path / "export")
+    assert files == ["config.json", "model.safetensors"] and sorted(os.listdir(out)) == files
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert config["activation_function"] == "gelu_new"
     assert config["n_positions"] == config["n_ctx"] == kwargs["n_positions"]
     assert config["tie_word_embeddings"] is tied
-    assert config["tokenizer_class"] == "GPT2Tokenizer"
-    assert config["bos_token_id"] is None  # the vocabulary is not GPT-2's 50257 tokens
+    assert "tokenizer_class" not in config and config["bos_token_id"] is None
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tied
     hf2, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -183,31 +253,114 @@ def test_import_export_roundtrip(tmp_path, fmt, kwargs):
         assert rel_err(hf2(ids).logits, ref) < 1e-4
 
 
-def test_export_of_a_gptlab_model_and_vocab_50257(tmp_path):
-    """A model trained by gptlab (not imported), GPT-2's vocabulary size, untied, dropout > 0."""
+def test_gpt2_bpe_export_writes_gpt2s_tokenizer_files(tmp_path):
+    """A GPT-2 BPE model trained by gptlab (untied, dropout > 0): the export holds GPT-2's tokenizer
+    files, byte for byte the hub's, so AutoTokenizer encodes exactly as tiktoken does."""
+    original = openai_gpt2_files()
     torch.manual_seed(0)
     model = build_model(
         dict(vocab_size=50257, block_size=24, n_layer=1, n_head=2, n_embd=16, dropout=0.1, tie_weights=False)
     ).eval()
-    out = export_hf(model, tmp_path / "export")
+    enc = BPETokenizer("gpt2")
+    out, files = export_hf(model, tmp_path / "export", enc)
+    assert files == sorted(["config.json", "generation_config.json", "gptlab_tokenizer.json", "merges.txt",
+                            "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                            "tokenizer_config.json", "vocab.json"])
+    for name, data in original.items():
+        assert (out / name).read_bytes() == data, name
     config = json.loads((out / "config.json").read_text())
-    assert config["bos_token_id"] == config["eos_token_id"] == 50256
+    assert config["bos_token_id"] == config["eos_token_id"] == 50256 and config["tokenizer_class"] == "GPT2Tokenizer"
     assert config["resid_pdrop"] == 0.1 and config["tie_word_embeddings"] is False
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 50256
+    assert json.loads((out / "gptlab_tokenizer.json").read_text()) == {"kind": "bpe", "encoding": "gpt2"}
+
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:5000] + " héllo 😀  x<|endoftext|>y 12345 's 'll\n\n\t z"
+    assert auto(text)["input_ids"] == enc.encode(text) and auto.eos_token_id == 50256
+    assert auto.decode(enc.encode(text)) == text
+
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
         assert rel_err(hf(ids).logits, model(ids)) < 1e-4
-    # and back again
-    again = load_hf_gpt2(out)
-    assert not again.config.tie_weights
-    with torch.no_grad():
-        assert rel_err(again(ids), model(ids)) < 1e-4
+    # and back again: the tokenizer comes from gptlab_tokenizer.json, or else from GPT-2's files
+    for drop in ([], ["gptlab_tokenizer.json"], ["tokenizer.json"]):
+        for name in drop:
+            (out / name).unlink()
+        again, tok = load_hf_model(out)
+        assert isinstance(tok, BPETokenizer) and tok.encoding == "gpt2" and not again.config.tie_weights
+        with torch.no_grad():
+            assert rel_err(again(ids), model(ids)) < 1e-4
 
 
-def test_read_hf_state_dict_layout(small_hf):
+def test_tokenizer_files_are_gpt2s_or_refused(tmp_path, gpt2_vocab_hf):
+    """Hugging Face tokenizer files count only if they are exactly GPT-2's; anything else is refused
+    with one line that says how to name the tokenizer."""
+    directory, _ = gpt2_vocab_hf
+    assert load_hf_model(directory)[1].encoding == "gpt2"  # the hub's vocab.json + merges.txt
+    # the same files as transformers writes them (tokenizer.json and all)
+    saved = tmp_path / "saved"
+    shutil.copytree(directory, saved)
+    transformers.AutoTokenizer.from_pretrained(directory).save_pretrained(saved)
+    (saved / "vocab.json").unlink()
+    assert (saved / "tokenizer.json").is_file() and load_hf_model(saved)[1].encoding == "gpt2"
+
+    def tampered(name: str, edit) -> Path:
+        copy = tmp_path / f"tampered-{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(directory, copy)
+        (copy / name).write_text(edit((copy / name).read_text(encoding="utf-8")), encoding="utf-8")
+        return copy
+
+    def swap_merges(text):
+        lines = text.split("\n")
+        lines[100], lines[101] = lines[101], lines[100]
+        return "\n".join(lines)
+
+    def swap_ids(text):
+        vocab = json.loads(text)
+        vocab["the"], vocab["The"] = vocab["The"], vocab["the"]
+        return json.dumps(vocab)
+
+    def drop_token(text):
+        vocab = json.loads(text)
+        del vocab["the"]
+        return json.dumps(vocab)
+
+    cases = [(tampered("merges.txt", swap_merges), "merges differ"),
+             (tampered("vocab.json", swap_ids), "token ids differ"),
+             (tampered("vocab.json", drop_token), "50256 tokens, not 50257")]
+    for copy, why in cases:
+        with pytest.raises(CheckpointError, match=why) as e:
+            load_hf_model(copy)
+        assert one_line(str(e.value)) and "--tokenizer gpt2" in str(e.value)
+        assert load_hf_model(copy, "gpt2")[1].encoding == "gpt2"  # named explicitly: fine
+
+    # a byte-level BPE of another vocabulary (trained with tokenizers): not GPT-2's
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.train_from_iterator([SHAKESPEARE.read_text(encoding="utf-8")[:20000]], trainers.BpeTrainer(vocab_size=300))
+    foreign = tmp_path / "foreign"
+    make_hf(foreign, **SMALL)
+    other.save(str(foreign / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is not GPT-2's byte-level BPE \(\d+ tokens"):
+        load_hf_model(foreign)
+    # no tokenizer at all
+    bare = tmp_path / "bare"
+    make_hf(bare, **SMALL)
+    with pytest.raises(CheckpointError, match="has neither gptlab_tokenizer.json nor Hugging Face tokenizer files"):
+        load_hf_model(bare)
+    # a named tokenizer larger than the model's vocabulary
+    with pytest.raises(CheckpointError, match="50257 tokens but the model's vocab_size is 100"):
+        load_hf_model(bare, "gpt2")
+    with pytest.raises(CheckpointError, match="unknown BPE encoding 'gpt3'"):
+        load_hf_model(bare, "gpt3")
+
+
+def test_read_hf_layout(small_hf):
     directory, hf = small_hf
-    cfg, state = read_hf_state_dict(directory)
+    cfg, state = read_hf(directory)
     assert cfg == {
         "arch": "gpt", "vocab_size": 100, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
         "bias": True, "qkv_bias": True, "tie_weights": True, "layer_norm_eps": 1e-5,
@@ -223,7 +376,7 @@ def test_read_hf_state_dict_layout(small_hf):
 # model.init_from: load_pretrained_into
 
 
-def test_load_pretrained_into_a_configured_model(small_hf):
+def test_load_pretrained_into_a_configured_model(small_hf, tmp_path):
     directory, hf = small_hf
     # as train.py builds it: conf/model/*.yaml keys, runtime keys included, dropout for finetuning,
     # and a shorter context than the checkpoint's (the first 16 positions are kept)
@@ -241,6 +394,12 @@ def test_load_pretrained_into_a_configured_model(small_hf):
         assert untied.lm_head.weight is not untied.transformer.wte.weight
         assert torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
         assert rel_err(untied(ids), ref) < 1e-4
+        # an imported gptlab checkpoint initialises a model just as well
+        ckpt = import_checkpoint(directory, tmp_path / "small.ckpt", tokenizer=str(char_file(tmp_path))).path
+        from_ckpt = load_pretrained_into(build_model(dict(base, block_size=32, init_from=str(ckpt))), ckpt).eval()
+        assert rel_err(from_ckpt(ids), ref) < 1e-4
+    with pytest.raises(CheckpointError, match=r"does not fit the model: .*shape"):
+        load_pretrained_into(build_model(dict(base, block_size=32, n_embd=64)), ckpt)
 
 
 def test_mismatched_models_name_the_offending_key(small_hf, tmp_path):
@@ -268,13 +427,15 @@ def test_mismatched_models_name_the_offending_key(small_hf, tmp_path):
     with pytest.raises(CheckpointError, match=r"lm_head\.weight: .* model\.tie_weights=false"):
         load_pretrained_into(build_model(shape), untied_dir)
     # Conv1D weights are reported in the Hugging Face layout (in, out)
-    from gptlab.models.hf import _copy_into
-
-    cfg, state = read_hf_state_dict(directory)
+    cfg, state = read_hf(directory)
     state["transformer.h.1.attn.c_attn.weight"] = torch.zeros(144, 48)
     message = r"transformer\.h\.1\.attn\.c_attn\.weight: checkpoint \(48, 144\) vs model \(32, 96\)"
     with pytest.raises(CheckpointError, match=message):
-        _copy_into(build_model(shape), cfg, state, str(directory))
+        copy_into(build_model(shape), cfg, state, str(directory))
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming what is wrong
 
 
 def test_non_gpt2_checkpoints_are_rejected(tmp_path):
@@ -282,19 +443,54 @@ def test_non_gpt2_checkpoints_are_rejected(tmp_path):
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(CheckpointError, match="model_type='llama' is not GPT-2"):
-        load_hf_gpt2(llama)
+        load_hf_model(llama)
     with pytest.raises(CheckpointError, match="BertModel"):
         hf_config_to_model_cfg({"architectures": ["BertModel"]})
+    sizes = dict(n_embd=32, n_layer=1, n_head=2, vocab_size=10, n_positions=8)
     with pytest.raises(CheckpointError, match="activation_function='relu'"):
-        hf_config_to_model_cfg({"model_type": "gpt2", "activation_function": "relu"})
+        hf_config_to_model_cfg({"model_type": "gpt2", **sizes, "activation_function": "relu"})
     with pytest.raises(CheckpointError, match="n_inner=100"):
-        hf_config_to_model_cfg({"model_type": "gpt2", "n_embd": 32, "n_inner": 100})
+        hf_config_to_model_cfg({"model_type": "gpt2", **sizes, "n_inner": 100})
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
-        hf_config_to_model_cfg({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
-    # GPT2Config defaults fill keys an old config.json leaves out; tie_word_embeddings defaults to true
-    cfg = hf_config_to_model_cfg({"model_type": "gpt2"})
-    shape = (cfg["n_layer"], cfg["n_embd"], cfg["block_size"], cfg["vocab_size"], cfg["tie_weights"])
-    assert shape == (12, 768, 1024, 50257, True)
+        hf_config_to_model_cfg({"model_type": "gpt2", **sizes, "scale_attn_by_inverse_layer_idx": True})
+    # GPT2Config defaults fill the options an old config.json leaves out, never the sizes
+    cfg = hf_config_to_model_cfg({"model_type": "gpt2", **sizes})
+    assert (cfg["tie_weights"], cfg["layer_norm_eps"]) == (True, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"n_embd": "abc"}, "bad/config.json: n_embd='abc' is not a positive integer"),
+        ({"n_layer": -2}, "n_layer=-2 is not a positive integer"),
+        ({"n_head": 0}, "n_head=0 is not a positive integer"),
+        ({"vocab_size": 100.5}, "vocab_size=100.5 is not a positive integer"),
+        ({"n_positions": True}, "n_positions=True is not a positive integer"),
+        ({"n_embd": None}, "n_embd=None is not a positive integer"),
+        ({"n_head": 3}, "n_embd=32 is not a multiple of n_head=3"),
+        ({"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon='1e-5' is not a number"),
+        ({"layer_norm_epsilon": -1}, "layer_norm_epsilon=-1 is not a number"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes' is not true or false"),
+        ({"architectures": "GPT2LMHeadModel"}, "architectures='GPT2LMHeadModel' is not a list"),
+        ({"n_layer": ...}, "config.json has no n_layer"),
+        ({"n_positions": ...}, "config.json has no n_positions"),
+    ],
+)
+def test_bad_config_json_is_one_line(small_hf, tmp_path, capsys, change, message):
+    directory, _ = small_hf
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    config = json.loads((bad / "config.json").read_text())
+    for key, value in change.items():
+        if value is ...:
+            del config[key]
+        else:
+            config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    assert hf_main(["import", str(bad), str(tmp_path / "bad.ckpt"), "--tokenizer", str(char_file(tmp_path))]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and one_line(captured.err) and message in captured.err, captured.err
+    assert not (tmp_path / "bad.ckpt").exists()
 
 
 class _NotATensor:
@@ -303,23 +499,34 @@ class _NotATensor:
 
 def test_unreadable_sources_give_clear_errors(tmp_path, small_hf):
     with pytest.raises(CheckpointError, match="directory not found"):
-        read_hf_state_dict(tmp_path / "no" / "such" / "dir")
+        read_hf(tmp_path / "no" / "such" / "dir")
     with pytest.raises(CheckpointError, match="network"):
-        read_hf_state_dict("gptlab-tests/no-such-model-0")  # offline: no hub; online: no such repo
+        read_hf("gptlab-tests/no-such-model-0")  # offline: no hub; online: no such repo
     directory, _ = small_hf
     with pytest.raises(CheckpointError, match="is a file"):
-        read_hf_state_dict(directory / "config.json")
+        read_hf(directory / "config.json")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        read_hf_state_dict(empty)
-    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+        read_hf(empty)
+    (empty / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object, not a JSON list"):
+        read_hf(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", **dict(SMALL)}))
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
-        read_hf_state_dict(empty)
+        read_hf(empty)
+    index = {"weight_map": {"wte.weight": "model-1.safetensors"}}
+    (empty / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model-1\.safetensors is not a readable safetensors file"):
+        read_hf(empty)
+    (empty / "model.safetensors.index.json").unlink()
     # a pickle that would run code is refused (weights_only=True)
     torch.save({"transformer.wte.weight": torch.zeros(2, 2), "x": _NotATensor()}, empty / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights_only=True"):
-        read_hf_state_dict(empty)
+        read_hf(empty)
+    (empty / "gptlab_tokenizer.json").write_text(json.dumps({"kind": "char"}))
+    with pytest.raises(CheckpointError, match=r"gptlab_tokenizer\.json is not a gptlab tokenizer state \(KeyError"):
+        load_hf_model(empty)
 
 
 def test_export_needs_gpt2_options(tmp_path):
@@ -334,88 +541,224 @@ def test_export_needs_gpt2_options(tmp_path):
     model.transformer.h[0].mlp.gelu = torch.nn.GELU()
     with pytest.raises(ConfigError, match=r"transformer\.h\.0\.mlp\.gelu"):
         export_hf(model, tmp_path / "d")
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    with pytest.raises(CheckpointError, match="the char tokenizer has 12 tokens but the model's vocab_size is 10"):
+        export_hf(build_model(small), tmp_path / "e" / "f", CharTokenizer("abcdefghijkl"))
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 # ----------------------------------------------------------------------------------------------
-# command line: python -m gptlab.models.hf export|import
+# command line and the tokenizer of exported directories
 
 
 def test_cli_import_then_export(tmp_path, small_hf, capsys):
-    from gptlab import checkpoint
-    from gptlab.checkpoint import model_from_checkpoint
-
     directory, hf = small_hf
     ckpt = tmp_path / "small.ckpt"
-    assert hf_main(["import", str(directory), str(ckpt)]) == 0
-    model, hparams = model_from_checkpoint(checkpoint.load(ckpt), ckpt)
-    assert hparams["tokenizer"] == {"kind": "bpe", "encoding": "gpt2"}
+    # no tokenizer in the directory: refused, nothing written
+    assert hf_main(["import", str(directory), str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and "has neither gptlab_tokenizer.json nor" in err and "--tokenizer gpt2" in err
+    assert not ckpt.exists()
+    assert hf_main(["import", str(directory), str(ckpt), "--tokenizer", "gpt2"]) == 1
+    assert "50257 tokens but the model's vocab_size is 100" in capsys.readouterr().err
+
+    chars = char_file(tmp_path)
+    assert hf_main(["import", str(directory), str(ckpt), "--tokenizer", str(chars)]) == 0
+    out = capsys.readouterr().out
+    assert one_line(out) and f"-> {ckpt}" in out and "char tokenizer (10 tokens, from tokenizer=" in out
+    model, hparams = checkpoint.model_from_checkpoint(checkpoint.load(ckpt), ckpt)
+    assert hparams["tokenizer"] == CharTokenizer(CHARS).state_dict()
+    assert checkpoint.load(ckpt)["gptlab"]["source"] == str(directory)
     ids = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
         ref = hf(ids).logits
         assert rel_err(model.eval()(ids), ref) < 1e-4
 
     assert hf_main(["export", str(ckpt), str(tmp_path / "out")]) == 0
-    assert "model.safetensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert one_line(out) and "config.json, gptlab_tokenizer.json, model.safetensors" in out and "char tokenizer" in out
     with torch.no_grad():
         assert rel_err(GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()(ids).logits, ref) < 1e-4
-
-    # a char-level gptlab checkpoint: exported, with a note that GPT-2's tokenizer does not fit it
-    char_model = build_model(dict(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    char_ckpt = tmp_path / "char.ckpt"
-    torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in char_model.state_dict().items()},
-         "hyper_parameters": {"model": dict(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16),
-                              "tokenizer": {"kind": "char", "chars": "abc"}}},
-        char_ckpt,
-    )
-    assert hf_main(["export", str(char_ckpt), str(tmp_path / "char")]) == 0
-    assert "char tokenizer" in capsys.readouterr().out
-    config = json.loads((tmp_path / "char" / "config.json").read_text())
-    assert config["gptlab_tokenizer"] == "char" and "tokenizer_class" not in config and config["eos_token_id"] is None
+    # the exported directory carries its tokenizer: a plain import needs no --tokenizer
+    assert hf_main(["import", str(tmp_path / "out"), str(tmp_path / "again.ckpt")]) == 0
+    assert "from " + str(tmp_path / "out" / "gptlab_tokenizer.json") in capsys.readouterr().out
 
     # user errors: one line on stderr, exit status 1
     assert hf_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("Error: checkpoint not found") and err.count("\n") == 1
+    assert err.startswith("Error: checkpoint not found") and one_line(err)
     assert hf_main(["import", str(tmp_path / "nowhere/dir"), str(tmp_path / "y.ckpt")]) == 1
     assert "directory not found" in capsys.readouterr().err
+    assert hf_main(["import", str(directory), str(tmp_path), "--tokenizer", str(chars)]) == 1
+    assert "is a directory; give the checkpoint file to write" in capsys.readouterr().err
+
+
+def test_char_and_word_models_export_their_vocabulary(tmp_path):
+    """Issue 12: sampling an exported char model must decode with its own characters (it used to end
+    in an IndexError), and importing it must not label it GPT-2 BPE."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
+    char = CharTokenizer.fit([text])
+    shape = dict(arch="gpt", vocab_size=char.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    ckpt = gptlab_ckpt(tmp_path / "char.ckpt", shape, char.state_dict())
+    exported = export_checkpoint(ckpt, tmp_path / "char-hf")
+    assert "char tokenizer (" + str(char.vocab_size) + " tokens)" in str(exported)
+    out = exported.path
+    config = json.loads((out / "config.json").read_text())
+    assert "tokenizer_class" not in config and config["eos_token_id"] is None
+    assert not (out / "vocab.json").exists() and not (out / "generation_config.json").exists()
+    assert json.loads((out / "gptlab_tokenizer.json").read_text()) == char.state_dict()
+
+    args = ["prompt=ROMEO:", "max_new_tokens=30", "num_samples=1", "device=cpu", "greedy=true"]
+    from_dir = run_sample([f"ckpt_path={out}", *args])
+    assert from_dir == run_sample([f"ckpt_path={ckpt}", *args])  # the same model, the same characters
+    assert from_dir[0].startswith("ROMEO:") and len(from_dir[0]) == 36 and set(from_dir[0]) <= set(char.chars)
+
+    imported = import_checkpoint(out, tmp_path / "back.ckpt")
+    assert checkpoint.info(imported.path).tokenizer == char.state_dict()
+
+    # a word model: its end-of-text token becomes GPT-2's bos/eos
+    word = WordTokenizer.fit([text])
+    shape = dict(shape, vocab_size=word.vocab_size + 3)  # a padded vocabulary is fine
+    out = export_checkpoint(gptlab_ckpt(tmp_path / "word.ckpt", shape, word.state_dict()), tmp_path / "word-hf").path
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == word.eot_id
+    assert load_hf_model(out)[1].state_dict() == word.state_dict()
+
+    # a checkpoint without tokenizer state: the weights are exported, and the summary says what is missing
+    bare = export_checkpoint(gptlab_ckpt(tmp_path / "bare.ckpt", shape, None), tmp_path / "bare-hf")
+    assert bare.files == ["config.json", "model.safetensors"] and "no tokenizer" in str(bare)
+    # a tokenizer larger than the model is an error, not an export
+    small = dict(shape, vocab_size=char.vocab_size - 1)
+    with pytest.raises(CheckpointError, match=rf"{char.vocab_size} tokens but the model's vocab_size is"):
+        export_checkpoint(gptlab_ckpt(tmp_path / "small.ckpt", small, char.state_dict()), tmp_path / "small-hf")
+    assert not (tmp_path / "small-hf").exists()
+
+
+class CharTokenizerWithHFFiles(CharTokenizer):
+    """A tokenizer that writes its own Hugging Face files (the `to_hf_files` hook of the export)."""
+
+    def to_hf_files(self, directory: Path) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        fast = Tokenizer(models.WordLevel(vocab=dict(self.stoi), unk_token=self.chars[0]))
+        fast.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        fast.save(str(Path(directory) / "tokenizer.json"))
+
+
+def test_tokenizers_with_to_hf_files_write_their_own(tmp_path):
+    tok = CharTokenizerWithHFFiles("abcdefgh")
+    model = build_model(dict(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    out, files = export_hf(model, tmp_path / "out", tok)
+    assert files == ["config.json", "gptlab_tokenizer.json", "model.safetensors", "tokenizer.json"]
+    assert "tokenizer_class" not in json.loads((out / "config.json").read_text())
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("cafe").ids == tok.encode("cafe")
+    # gptlab_tokenizer.json decides over the Hugging Face files
+    assert load_hf_model(out)[1].state_dict() == tok.state_dict()
+
+
+def test_export_into_an_earlier_export_replaces_its_files(tmp_path):
+    out = tmp_path / "out"
+    big = build_model(dict(vocab_size=50257, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    export_hf(big, out, BPETokenizer("gpt2"))
+    (out / "README.md").write_text("mine")
+    small = build_model(dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    export_hf(small, out, CharTokenizer("abcdefghij"))
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "gptlab_tokenizer.json", "model.safetensors"]
+    assert load_hf_model(out)[1].vocab_size == 10
+    # the staging directory of an export that was killed is cleared by the next one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = temp_name(out, directory=True)
+    debris = debris.with_name(debris.name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-"))
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half")
+    export_hf(small, tmp_path / "other")
+    assert not debris.exists() and sorted(os.listdir(tmp_path)) == ["other", "out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a full disk and a read-only filesystem (a 1 MiB tmpfs)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_and_read_only_disks(small_disk, tmp_path):
+    small = build_model(dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    big = build_model(dict(vocab_size=2000, block_size=8, n_layer=1, n_head=1, n_embd=160))  # > 1 MiB
+    # export: one line naming the file, and nothing left behind, not even the parent it created
+    with pytest.raises(FilesystemError) as e:
+        export_hf(big, small_disk / "new" / "out", CharTokenizer("ab"))
+    assert one_line(str(e.value)) and "no space left on the device" in str(e.value)
+    assert str(small_disk / "new" / "out" / "model.safetensors") in str(e.value)
+    assert os.listdir(small_disk) == []
+    # a failed export into an earlier one leaves the earlier one whole
+    out, _ = export_hf(small, small_disk / "out", CharTokenizer("ab"))
+    before = {p.name: sha(p) for p in out.iterdir()}
+    with pytest.raises(FilesystemError, match="no space left"):
+        export_hf(big, out, CharTokenizer("abc"))
+    assert {p.name: sha(p) for p in out.iterdir()} == before and os.listdir(small_disk) == ["out"]
+
+    # import: the checkpoint is written atomically, an earlier one survives a full disk
+    hf_dir = tmp_path / "hf"
+    export_hf(big, hf_dir, CharTokenizer("ab"))
+    ckpt = small_disk / "model.ckpt"
+    gptlab_ckpt(ckpt, dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8), {"kind": "char", "chars": "ab"})
+    saved = sha(ckpt)
+    assert hf_main(["import", str(hf_dir), str(ckpt)]) == 1
+    assert sha(ckpt) == saved and sorted(os.listdir(small_disk)) == ["model.ckpt", "out"]
+    with pytest.raises(FilesystemError, match=rf"cannot write the checkpoint {small_disk / 'new.ckpt'}: no space"):
+        import_checkpoint(hf_dir, small_disk / "new.ckpt")
+    assert sorted(os.listdir(small_disk)) == ["model.ckpt", "out"]
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(FilesystemError, match="the filesystem is read-only") as e:
+        export_hf(small, small_disk / "out2")
+    assert one_line(str(e.value)) and str(small_disk) in str(e.value)
+    with pytest.raises(FilesystemError, match="read-only"):
+        import_checkpoint(hf_dir, small_disk / "ro.ckpt")
 
 
 # ----------------------------------------------------------------------------------------------
 # sample.py and train.py with a Hugging Face GPT-2 (GPT-2 vocabulary, tiny width)
 
 
-@pytest.fixture(scope="module")
-def gpt2_vocab_hf(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
-    directory = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    hf = make_hf(directory, seed=7, scale=0.5, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=64)
-    return directory, hf
-
-
-def _tiktoken_gpt2(monkeypatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip(f"offline GPT-2 BPE files missing: {TIKTOKEN_CACHE}")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    import tiktoken
-
-    return tiktoken.get_encoding("gpt2")
-
-
-def test_sample_py_from_hf_directory(gpt2_vocab_hf, monkeypatch):
+def test_sample_py_from_hf_directory(gpt2_vocab_hf, tmp_path):
     directory, hf = gpt2_vocab_hf
-    enc = _tiktoken_gpt2(monkeypatch)
+    enc = BPETokenizer("gpt2").enc
     prompt = "ROMEO: But soft"
     ids = torch.tensor([enc.encode(prompt)])
     expected = enc.decode(hf_greedy(hf, ids, 5)[0].tolist())
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE), PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), f"ckpt_path={directory}", f"prompt={prompt}",
-         "max_new_tokens=5", "num_samples=1", "device=cpu", "greedy=true"],
-        cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
-    )
+    args = [f"prompt={prompt}", "max_new_tokens=5", "num_samples=1", "device=cpu", "greedy=true"]
+    assert run_sample([f"ckpt_path={directory}", *args]) == [expected]
+    # without tokenizer files: refused, unless named
+    bare = tmp_path / "bare"
+    shutil.copytree(directory, bare, ignore=shutil.ignore_patterns("vocab.json", "merges.txt"))
+    with pytest.raises(CheckpointError, match="sample.py: tokenizer=gpt2"):
+        run_sample([f"ckpt_path={bare}", *args])
+    assert run_sample([f"ckpt_path={bare}", "tokenizer=gpt2", *args]) == [expected]
+
+
+def test_cli_subprocess_smoke(tmp_path):
+    """`python -m gptlab.hf` itself (user errors are tested in-process, through main)."""
+    ckpt = gptlab_ckpt(tmp_path / "c.ckpt", dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8),
+                       CharTokenizer(CHARS).state_dict())
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "gptlab.hf", "export", str(ckpt), str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert expected.encode("utf-8", "replace").decode("utf-8", "replace") in proc.stdout
+    assert one_line(proc.stdout) and "GPT-2 with" in proc.stdout
+    assert (tmp_path / "out" / "gptlab_tokenizer.json").is_file()
 
 
 def _compose_train(overrides: list[str]):
@@ -440,7 +783,6 @@ def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path, monkeypatch):
     """train.py train=false with the finetune recipe and model.init_from: the validation loss is
     the Hugging Face model's own loss on the same windows (so the weights really were loaded)."""
     directory, hf = gpt2_vocab_hf
-    _tiktoken_gpt2(monkeypatch)
     if not SHAKESPEARE.is_file():
         pytest.skip(f"offline corpus missing: {SHAKESPEARE}")
     spec = importlib.util.spec_from_file_location("gptlab_train_script", ROOT / "train.py")

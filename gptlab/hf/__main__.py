@@ -1,0 +1,5 @@
+import sys
+
+from gptlab.hf.cli import main
+
+sys.exit(main())
