@@ -20,6 +20,9 @@ from gptlab.errors import ConfigError
 from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
 from gptlab.jobs import Outcome, run
 from gptlab.tracking import flat_hparams
+
+# keys of `model` that say how to run it, not what it is (conf/train.yaml declares them)
+RUN_SWITCHES = ("compile", "init_from")
 from gptlab.training import LanguageModel
 
 
@@ -58,6 +61,7 @@ def fit(cfg: DictConfig) -> Outcome:
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    switches = {k: model_cfg.pop(k, None) for k in RUN_SWITCHES}  # the rest is the shape checkpoints keep
     if model_cfg.get("vocab_size") is None:
         model_cfg["vocab_size"] = tokenizer.vocab_size
     elif model_cfg["vocab_size"] < tokenizer.vocab_size:
@@ -71,12 +75,12 @@ def fit(cfg: DictConfig) -> Outcome:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         tokenizer=tokenizer.state_dict(),
         seed=cfg.seed,
-        compile=cfg.get("compile", False),
+        compile=switches["compile"] or False,
     )
-    if cfg.get("init_from"):
+    if switches["init_from"]:
         from gptlab.hf import load_pretrained_into
 
-        load_pretrained_into(module.model, cfg.init_from)
+        load_pretrained_into(module.model, switches["init_from"])
 
     # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
     loggers = instantiate_all(cfg.get("logger"), **({"purge_step": info.step} if info else {}))

@@ -138,7 +138,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams.get("model"), dict):
         raise CheckpointError(f"{path} has no model config in its hyper_parameters; was it written by gptlab?")
-    model = build_model(dict(hparams["model"]))
+    # checkpoints of gptlab <= 0.1 also stored the run switches with the shape
+    model = build_model({k: v for k, v in hparams["model"].items() if k not in ("compile", "init_from")})
     load_weights(model, model_state(ckpt), str(path))
     return model, hparams
 

@@ -97,16 +97,14 @@ def test_presets_state_only_their_differences():
     assert compose_train([]) == compose_train(["experiment=shakespeare_char_cpu"])
     assert compose_train(["optim=adamw"]).optim.name == "adamw"  # the command line picks the optimizer
     baby = compose_train(["experiment=shakespeare_char"])
-    assert OmegaConf.to_container(baby.model) == OmegaConf.to_container(compose_train(["model=baby_shakespeare"]).model)
-    assert baby.compile is True and baby.trainer.precision == "bf16-mixed"
+    shape = OmegaConf.to_container(compose_train(["model=baby_shakespeare"]).model)
+    assert OmegaConf.to_container(baby.model) == {**shape, "compile": True}
+    assert baby.model.compile is True and baby.trainer.precision == "bf16-mixed"
     cfg = compose_train(["experiment=gpt2_124m"])
     t = cfg.trainer
     assert cfg.data.batch_size * cfg.model.block_size * t.accumulate_grad_batches * t.devices == 491_520
-    for name in options("experiment"):
-        text = (CONF / "experiment" / f"{name}.yaml").read_text()
-        assert "compile:" not in text.split("model:")[-1].split("\n\n")[0], name  # run switches are top-level
-    for name in options("model"):
-        assert not {"compile", "init_from"} & set(compose_train([f"model={name}"]).model), name
+    for name in options("model"):  # shapes only: the run switches are declared in conf/train.yaml
+        assert not {"compile", "init_from"} & set(OmegaConf.load(CONF / "model" / f"{name}.yaml")), name
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -131,7 +129,7 @@ def test_debug_configs_compose_over_an_experiment(name):
     cfg = compose_train(["experiment=gpt2_124m", f"debug={name}"])
     assert cfg.task_name == "debug"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 1 and "strategy" not in cfg.trainer
-    assert cfg.compile is False
+    assert cfg.model.compile is False
 
 
 # -- the schema: one line naming the key, nothing read or written ---------------------------------------
@@ -166,7 +164,7 @@ def test_bad_values_are_one_line_naming_the_key(override, message, tmp_path, dat
 
 
 # -- a couple of steps of each preset, in-process -----------------------------------------------------
-TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "compile=false"]
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.compile=false"]
 QUICK = [
     "data.batch_size=4",
     "data.val_windows=8",
@@ -184,7 +182,7 @@ RUNS = {
     "experiment=shakespeare_char_cpu_long": [],
     "experiment=shakespeare_bpe": ["trainer=cpu"],
     "experiment=gpt2_124m": ["trainer=cpu", "trainer.devices=1", "trainer.accumulate_grad_batches=2"],
-    "experiment=finetune_shakespeare": ["trainer=cpu", "init_from=null", "trainer.accumulate_grad_batches=2"],
+    "experiment=finetune_shakespeare": ["trainer=cpu", "model.init_from=null", "trainer.accumulate_grad_batches=2"],
     "debug=fdr": [],
     "debug=overfit": ["trainer.max_steps=4", "trainer.check_val_every_n_epoch=2", "trainer.val_check_interval=null"],
     "debug=profiler": [],
