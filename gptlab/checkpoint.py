@@ -75,7 +75,7 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head == _ZIP_MAGIC)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
             f"refused to load {path}: it holds a Python object{what} beyond tensors and plain containers; "

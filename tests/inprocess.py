@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,7 @@ def compose_config(overrides: list[str], config_name: str = "train", hydra_cfg: 
 def script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"gptlab_script_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -1,21 +1,23 @@
-"""End to end through train.py and sample.py as a user runs them (subprocesses, real files)."""
+"""End to end through train.py and sample.py: what a run writes, sampling it, a BPE run, defaults that
+work for any corpus; and a few subprocess smoke tests of the command lines themselves (one-line errors,
+exit status, no debris)."""
 
-import shutil
-
+import pytest
 import torch
 
-from conftest import read_scalars, read_texts, run_script, train_args
+from conftest import SHAKESPEARE, TINY, read_scalars, read_texts, run_script, train_args
+from inprocess import run_sample, run_train
 
 
 def test_run_writes_checkpoints_config_and_tensorboard(trained_run):
     ckpts = trained_run / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
     assert len(list(ckpts.glob("best-step*.ckpt"))) == 1
-    assert (trained_run / ".hydra" / "config.yaml").is_file()
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)  # plain containers only
     assert ckpt["global_step"] == 20
     hp = ckpt["hyper_parameters"]
     assert hp["model"]["n_layer"] == 2 and hp["model"]["vocab_size"] == 65
+    assert "compile" not in hp["model"] and "init_from" not in hp["model"]  # the shape only
     assert hp["tokenizer"]["kind"] == "char" and len(hp["tokenizer"]["chars"]) == 65
     assert ckpt["TokenDataModule"]["next_train_batch"] == 20
 
@@ -29,48 +31,64 @@ def test_run_writes_checkpoints_config_and_tensorboard(trained_run):
     ppl = scalars["val/ppl"][-1][1]
     assert abs(ppl - torch.exp(torch.tensor(val)).item()) < 1e-3 * ppl
     assert scalars["train/tokens"][-1][1] == 20 * 8 * 32  # steps x batch x block
+    # the last logged values travel in the checkpoint (a requeued finished run reports them)
+    assert ckpt["gptlab"]["metrics"]["val/loss"] == pytest.approx(val, abs=1e-6)
     texts = read_texts(trained_run / "tensorboard")
     assert len(texts) == 2 and all(len(t.strip()) > 10 for _, t in texts)
 
 
-def test_sample_prints_requested_characters(trained_run, data_dir):
-    proc = run_script(
-        "sample.py",
-        [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=2", "max_new_tokens=50", "device=cpu"],
-        data_dir,
-    )
-    samples = proc.stdout.split("\n---------------\n")
-    samples = [s for s in samples if s]
-    assert len(samples) == 2
-    assert all(len(s) == 1 + 50 for s in samples), [len(s) for s in samples]  # the "\n" prompt + 50 chars
+def test_sample_prints_requested_characters(trained_run):
+    texts = run_sample([f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=2",
+                        "max_new_tokens=50", "device=cpu"])
+    assert len(texts) == 2
+    assert all(len(t) == 1 + 50 and t[0] == "\n" for t in texts)  # the default start token + 50 chars
 
 
-def test_resume_continues_step_count_and_tensorboard_run(trained_run, data_dir, tmp_path):
+def test_a_corpus_without_newline_trains_and_samples_with_the_defaults(tmp_path, data_dir):
+    """The text sample and sample.py start from a token the vocabulary has (here: no newline, no end-of-text)."""
+    corpus = tmp_path / "x.txt"
+    corpus.write_text("to be or not " * 500)
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    run_script(
-        "train.py",
-        train_args(tmp_path / "new-invocation", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-                   "trainer.max_steps=30", "trainer.val_check_interval=10"),
-        data_dir,
-    )
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 30
-    assert ckpt["TokenDataModule"]["next_train_batch"] == 30
-    # the same TensorBoard run continues: steps 0..29 once each
-    scalars = read_scalars(run / "tensorboard")
-    assert [s for s, _ in scalars["train/loss"]] == list(range(30))
-    assert [s for s, _ in scalars["val/loss"]] == [9, 19, 29]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    run_train([f"data.path={corpus}", *TINY, "model.block_size=16", "trainer.max_steps=4",
+               "trainer.val_check_interval=2"], run)
+    assert len(read_texts(run / "tensorboard")) == 2
+    texts = run_sample([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=1", "max_new_tokens=10"])
+    assert len(texts[0]) == 11 and set(texts[0]) <= set("to ber n")
 
 
 def test_bpe_corpus_trains_and_samples(data_dir, tmp_path):
     run = tmp_path / "bpe"
-    run_script("train.py", train_args(run, "data=shakespeare_bpe", "trainer.max_steps=4",
-                                      "trainer.val_check_interval=2"), data_dir)
+    run_train([f"data.path={SHAKESPEARE}", *TINY, "data=shakespeare_bpe", "trainer.max_steps=4",
+               "trainer.val_check_interval=2"], run)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["tokenizer"] == {"kind": "bpe", "encoding": "gpt2"}
     assert ckpt["hyper_parameters"]["model"]["vocab_size"] == 50257
-    proc = run_script("sample.py", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=1",
-                                    "max_new_tokens=8", "prompt=ROMEO:", "device=cpu"], data_dir)
-    assert proc.stdout.startswith("ROMEO:")
+    texts = run_sample([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=1", "max_new_tokens=8",
+                        "prompt=ROMEO:", "device=cpu"])
+    assert texts[0].startswith("ROMEO:")
+
+
+# -- the command lines (subprocesses) -------------------------------------------------------------------
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, data_dir):
+    for args, needle in ((["model.n_embd=100", "model.n_head=3"], "model.n_embd=100"),
+                         (["trainer.max_steps=abc"], "trainer.max_steps='abc'")):
+        run_dir = tmp_path / "run"
+        proc = run_script("train.py", train_args(run_dir, *args), data_dir, check=False)
+        _one_line_error(proc, needle)
+        assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
+
+
+def test_sample_py_runs_and_reports_mistakes_in_one_line(trained_run, data_dir, tmp_path):
+    proc = run_script("sample.py", [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=1",
+                                    "max_new_tokens=12", "prompt=ROMEO:", "device=cpu"], data_dir)
+    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.split("\n---------------\n")[0]) == 6 + 12
+    _one_line_error(run_script("sample.py", [], data_dir, check=False), "no checkpoint: pass ckpt_path=")
