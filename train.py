@@ -14,10 +14,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab import checkpoint, tracking
 from gptlab.cli import (
     describe_vocab,
     distributed_job,
-    flat_hparams,
     install_multirun_ddp_fix,
     resolve_resume,
     user_errors,
@@ -74,17 +74,27 @@ def train(cfg: DictConfig) -> float | None:
 
         load_pretrained_into(module.model, model_cfg["init_from"])
 
-    # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
-    loggers = instantiate_all(cfg.get("logger"), **({"purge_step": resume_step} if ckpt_path else {}))
+    # resume continues each tracker's run (TensorBoard purge_step, the W&B/MLflow run ids in the checkpoint)
+    loggers = tracking.build_loggers(cfg, tracking.run_name(cfg), checkpoint.info(ckpt_path) if ckpt_path else None)
+    try:
+        value = fit(cfg, module, datamodule, loggers, ckpt_path, resume_step)
+    except BaseException:
+        tracking.finish(loggers, "failed")  # W&B exit code 1, MLflow FAILED
+        raise
+    tracking.finish(loggers, "success")  # the next job of a multirun starts runs of its own
+    return value
+
+
+def fit(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, ckpt_path: str | None,
+        resume_step: int) -> float:
     callbacks = instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
     )
-    for logger in trainer.loggers:  # not `loggers`: fast_dev_run replaces them with a no-op logger
-        logger.log_hyperparams(flat_hparams(cfg), {"hp/best_val_loss": float("nan")})
+    tracking.log_hyperparams(trainer.loggers, cfg)  # not `loggers`: fast_dev_run swaps in a no-op logger
     if trainer.is_global_zero:
         n = module.model.num_params()
-        print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {cfg.paths.output_dir}")
+        print(f"[gptlab] {cfg.model.get('arch', 'gpt')} with {n:,} parameters; run dir {cfg.paths.output_dir}")
 
     if cfg.get("train", True):
         started = time.perf_counter()

@@ -225,10 +225,14 @@ class LanguageModel(L.LightningModule):
 
     # -- checkpoint -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from gptlab.tracking import run_ids
+
         checkpoint["gptlab"] = {
             "tokens_seen": self.tokens_seen,
             "micro_step": self.micro_step,
             "best_val_loss": self.best_val_loss,
+            # the W&B/MLflow runs a resume continues; ids of trackers this session does not use are kept
+            "trackers": {**getattr(self, "tracker_ids", {}), **run_ids(self.loggers)},
         }
         # Flush the event files first, so that what a checkpoint claims was logged is on disk.
         for logger in self.loggers:
@@ -239,5 +243,6 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.micro_step = int(state.get("micro_step", 0))
         self.best_val_loss = float(state.get("best_val_loss", float("inf")))
+        self.tracker_ids = dict(state.get("trackers") or {})
         # accept checkpoints of compiled models saved by other tools (`model._orig_mod.x`)
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
