@@ -114,6 +114,8 @@ def build_loggers(cfg: DictConfig, name: str, resume: Any = None) -> list[Logger
             raise error from None
         if resume is not None and isinstance(logger, CSVLogger):
             _keep_csv_rows(logger, resume.step)
+        if isinstance(logger, MLFlowLogger) and logger._run_id:
+            _check_mlflow_run(f"logger.{key}", logger)
         loggers.append(logger)
     return loggers
 
@@ -146,6 +148,19 @@ def _keep_csv_rows(logger: CSVLogger, step: int) -> None:
     if not isinstance(getattr(writer, "metrics", None), list):  # a rank other than 0 writes nothing
         return
     writer.metrics = [{k: v for k, v in r.items() if v != ""} for r in rows] + writer.metrics
+
+
+def _check_mlflow_run(where: str, logger: MLFlowLogger) -> None:
+    """The MLflow run a resume continues must be in this store (e.g. not a different log_dir)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _ = logger.experiment  # looks the run up (on rank 0)
+    except MlflowException:
+        raise ConfigError(
+            f"{where}: the run {logger._run_id} this checkpoint continues is not in {logger._tracking_uri}; "
+            f"resume with the tracking_uri (and paths.log_dir) it was started with"
+        ) from None
 
 
 def run_ids(loggers: list[Logger]) -> dict[str, str]:
