@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -26,6 +26,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gptlab.checkpoint import Info
 
 EXTRA = 'pip install "gptlab[track]"'
 # overrides that say where a run goes or how it is watched, not what it trains
@@ -97,7 +100,7 @@ def _log_mlflow_params(logger: MLFlowLogger, params: dict[str, Any]) -> None:
 
 
 # -- building and closing ------------------------------------------------------------------------
-def build_loggers(cfg: DictConfig, name: str, resume: Any = None) -> list[Logger]:
+def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> list[Logger]:
     """Instantiate every `logger.<key>` with a `_target_`, named `name`; `resume` (a
     gptlab.checkpoint.Info, or None for a fresh run) makes each continue the run it belongs to."""
     loggers = []
@@ -108,7 +111,7 @@ def build_loggers(cfg: DictConfig, name: str, resume: Any = None) -> list[Logger
             cls = hydra.utils.get_class(node._target_)
             logger = hydra.utils.instantiate(node, **_run_kwargs(cls, node, name, resume))
         except Exception as e:
-            error = missing_tracker(f"logger.{key}", e)
+            error = missing_tracker(f"logger.{key}", e) or _unusable(f"logger.{key}", e)
             if error is None:
                 raise
             raise error from None
@@ -120,9 +123,9 @@ def build_loggers(cfg: DictConfig, name: str, resume: Any = None) -> list[Logger
     return loggers
 
 
-def _run_kwargs(cls: type, node: DictConfig, name: str, resume: Any) -> dict[str, Any]:
+def _run_kwargs(cls: type, node: DictConfig, name: str, resume: Info | None) -> dict[str, Any]:
     """What each tracker needs to name the run and, on resume, to continue it; values the user set win."""
-    trackers = dict(getattr(resume, "trackers", None) or {})
+    trackers = resume.trackers if resume is not None else {}
     kwargs: dict[str, Any] = {}
     if issubclass(cls, TensorBoardLogger) and resume is not None:
         kwargs["purge_step"] = resume.step  # drop what a killed run logged after its checkpoint
@@ -191,13 +194,25 @@ def finish(loggers: list[Logger], status: str) -> None:
             rank_zero_warn(f"{type(logger).__name__} could not be closed: {e}")
 
 
+def _unusable(where: str, error: BaseException) -> ConfigError | None:
+    """A logger config that Hydra could not instantiate (an unknown argument, a bad value): the
+    underlying error's first line."""
+    from hydra.errors import InstantiationException
+
+    if not isinstance(error, InstantiationException):
+        return None
+    cause = error.__cause__ or error
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ConfigError(f"{where} cannot start: {text}")
+
+
 # -- errors --------------------------------------------------------------------------------------
 def missing_tracker(where: str, error: BaseException) -> ConfigError | None:
     """The one line for a tracker whose package is not installed, from the ImportError (or Lightning's
     ModuleNotFoundError) somewhere in `error`'s chain (Hydra wraps it); None for any other error."""
     seen = error
     while seen is not None and not isinstance(seen, ImportError):
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__  # Hydra raises InstantiationException from the import error
     if seen is None:
         return None
     text = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__

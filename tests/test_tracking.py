@@ -180,6 +180,12 @@ def test_missing_tracker_is_one_line_naming_the_extra(tmp_path):
     assert tracking.missing_tracker("logger.x", ValueError("bad value")) is None  # other errors pass through
 
 
+def test_logger_config_that_does_not_instantiate_is_one_line(tmp_path):
+    cfg = compose_config(["logger=csv", "+logger.csv.no_such_argument=1", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^logger.csv cannot start: .*no_such_argument[^\n]*$"):
+        tracking.build_loggers(cfg, "run")
+
+
 def test_resume_into_another_mlflow_store_is_one_line(tmp_path):
     """A checkpoint's MLflow run that is not in this store (another log_dir): an error, not a forked run."""
     cfg = compose_config(["logger=mlflow", f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}"])
