@@ -16,6 +16,7 @@ Each file of conf/logger/ adds one entry under `logger:` (TensorBoard, CSV, W&B,
 from __future__ import annotations
 
 import csv
+import importlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,7 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
         if not node or "_target_" not in node:
             continue
         try:
-            cls = hydra.utils.get_class(node._target_)
+            cls = _target_class(f"logger.{key}", node._target_)
             logger = hydra.utils.instantiate(node, **_run_kwargs(cls, node, name, resume))
         except Exception as e:
             error = missing_tracker(f"logger.{key}", e) or _unusable(f"logger.{key}", e)
@@ -121,6 +122,15 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
             _check_mlflow_run(f"logger.{key}", logger)
         loggers.append(logger)
     return loggers
+
+
+def _target_class(where: str, target: str) -> type:
+    """The class a `_target_` names (hydra.utils.get_class would also log the failure, in three lines)."""
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module else None
+    if not isinstance(cls, type):
+        raise ConfigError(f"{where}._target_={target}: no such class")
+    return cls
 
 
 def _run_kwargs(cls: type, node: DictConfig, name: str, resume: Info | None) -> dict[str, Any]:
@@ -159,7 +169,9 @@ def _check_mlflow_run(where: str, logger: MLFlowLogger) -> None:
 
     try:
         _ = logger.experiment  # looks the run up (on rank 0)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise ConfigError(
             f"{where}: the run {logger._run_id} this checkpoint continues is not in {logger._tracking_uri}; "
             f"resume with the tracking_uri (and paths.log_dir) it was started with"
@@ -194,6 +206,22 @@ def finish(loggers: list[Logger], status: str) -> None:
             rank_zero_warn(f"{type(logger).__name__} could not be closed: {e}")
 
 
+# -- errors --------------------------------------------------------------------------------------
+def missing_tracker(where: str, error: BaseException) -> ConfigError | None:
+    """The one line for a tracker whose package is not installed, from the ImportError (or Lightning's
+    ModuleNotFoundError) somewhere in `error`'s chain (Hydra wraps it); None for any other error."""
+    seen = error
+    while seen is not None and not isinstance(seen, ImportError):
+        seen = seen.__cause__  # Hydra raises InstantiationException from the import error
+    if seen is None:
+        return None
+    while isinstance(seen.__cause__, ImportError):  # Hydra's "Error loading ..." wraps the real one
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
+    text = re.split(r"\s*HINT:", text)[0].rstrip(". ")  # Lightning's hint names another pip command
+    return ConfigError(f"{where} cannot start: {text}; W&B and MLflow come with {EXTRA}")
+
+
 def _unusable(where: str, error: BaseException) -> ConfigError | None:
     """A logger config that Hydra could not instantiate (an unknown argument, a bad value): the
     underlying error's first line."""
@@ -204,18 +232,3 @@ def _unusable(where: str, error: BaseException) -> ConfigError | None:
     cause = error.__cause__ or error
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return ConfigError(f"{where} cannot start: {text}")
-
-
-# -- errors --------------------------------------------------------------------------------------
-def missing_tracker(where: str, error: BaseException) -> ConfigError | None:
-    """The one line for a tracker whose package is not installed, from the ImportError (or Lightning's
-    ModuleNotFoundError) somewhere in `error`'s chain (Hydra wraps it); None for any other error."""
-    seen = error
-    while seen is not None and not isinstance(seen, ImportError):
-        seen = seen.__cause__  # Hydra raises InstantiationException from the import error
-    if seen is None:
-        return None
-    text = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
-    text = re.split(r"\s*HINT:", text)[0].rstrip(". ")  # Lightning's hint names another pip command
-    return ConfigError(f"{where} cannot start: {text}; W&B and MLflow come with {EXTRA}")
-
