@@ -14,12 +14,11 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import resume
+from gptlab import resume, tracking
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
 from gptlab.jobs import Outcome, run
-from gptlab.tracking import flat_hparams
 
 # keys of `model` that say how to run it, not what it is (conf/train.yaml declares them)
 RUN_SWITCHES = ("compile", "init_from")
@@ -82,17 +81,28 @@ def fit(cfg: DictConfig) -> Outcome:
 
         load_pretrained_into(module.model, switches["init_from"])
 
-    # purge_step: TensorBoard drops events a killed run wrote after its last checkpoint
-    loggers = instantiate_all(cfg.get("logger"), **({"purge_step": info.step} if info else {}))
+    # resume continues each tracker's run (TensorBoard purge_step, the W&B/MLflow run ids in the checkpoint)
+    loggers = tracking.build_loggers(cfg, tracking.run_name(cfg), info)
+    try:
+        outcome = run_trainer(cfg, module, datamodule, loggers, info)
+    except BaseException:
+        tracking.finish(loggers, "failed")  # W&B exit code 1, MLflow FAILED
+        raise
+    tracking.finish(loggers, "success")  # the next job of a multirun starts runs of its own
+    return outcome
+
+
+def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, info) -> Outcome:
+    metric_name = cfg.get("optimized_metric") or "val/loss"
+    run_dir = Path(cfg.paths.output_dir)
     callbacks = instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
     )
-    for logger in trainer.loggers:  # not `loggers`: fast_dev_run replaces them with a no-op logger
-        logger.log_hyperparams(flat_hparams(cfg), {"hp/best_val_loss": float("nan")})
+    tracking.log_hyperparams(trainer.loggers, cfg)  # not `loggers`: fast_dev_run swaps in a no-op logger
     if trainer.is_global_zero:
         n = module.model.num_params()
-        print(f"[gptlab] {model_cfg.get('arch', 'gpt')} with {n:,} parameters; run dir {run_dir}")
+        print(f"[gptlab] {cfg.model.get('arch', 'gpt')} with {n:,} parameters; run dir {run_dir}")
 
     resume_step = info.step if info else 0
     ckpt_path = str(info.path) if info else None
