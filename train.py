@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab import resume, tracking
@@ -96,6 +97,8 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     metric_name = cfg.get("optimized_metric") or "val/loss"
     run_dir = Path(cfg.paths.output_dir)
     callbacks = instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: nothing to report learning rates to (Lightning would refuse the monitor)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
     )
