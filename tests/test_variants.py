@@ -148,7 +148,9 @@ RUNS = {
     "rope-gqa": ["model=gpt_nano", "model.pos=rope", "model.n_kv_head=2"],
     "rmsnorm-qk_norm": ["model=gpt_nano", "model.norm=rmsnorm", "model.qk_norm=true"],
     "swiglu": ["model=gpt_nano", "model.mlp=swiglu", "model.bias=false"],
-    "relu2": ["model=gpt_nano", "model.mlp=relu2", "model.mlp_hidden=64"],
+    # the attention pictures skip loggers other than TensorBoard
+    "relu2": ["model=gpt_nano", "model.mlp=relu2", "model.mlp_hidden=64", "logger=none", "~callbacks.lr_monitor",
+              "++callbacks.attention_maps._target_=gptlab.training.attention.AttentionMaps"],
     "llama_micro": ["model=llama_micro", "++callbacks.attention_maps._target_=gptlab.training.attention.AttentionMaps",
                     "++callbacks.attention_maps.max_tokens=8"],
 }
@@ -165,6 +167,7 @@ def test_variant_trains_and_samples(name, tmp_path, data_dir, monkeypatch):
         assert hp[key] == yaml.safe_load(value)
     texts = run_sample([f"ckpt_path={ckpt}", "num_samples=1", "max_new_tokens=40", "device=cpu", "prompt=ROMEO:"])
     assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 40
+    assert (tmp_path / "tensorboard").exists() is (name != "relu2")
     if name == "llama_micro":
         from PIL import Image
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -247,3 +250,27 @@ def test_llama_refuses_what_it_cannot_express():
         gptlab_to_llama_state(tiny(pos="learned", mlp="swiglu", norm="rmsnorm", bias=False).state_dict())
     with pytest.raises(CheckpointError, match="k_proj.weight is missing"):
         llama_to_gptlab_state({k: v for k, v in llama().state_dict().items() if "layers.1.self_attn.k_proj" not in k})
+
+
+def test_llama_directory_written_from_the_converted_state_loads_with_from_pretrained(tmp_path):
+    """The recipe for `python -m gptlab.hf export`: config.json + model.safetensors, a tied head dropped."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from gptlab.hf.llama import gptlab_to_llama_state, model_cfg_to_llama_config
+
+    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **{**VARIANTS["llama"], "tie_weights": True})
+    torch.manual_seed(0)
+    mine = build_model(cfg).eval()
+    config = model_cfg_to_llama_config(cfg, eos_token_id=0)
+    state = gptlab_to_llama_state(mine.state_dict())
+    if config["tie_word_embeddings"]:
+        del state["lm_head.weight"]  # safetensors refuses shared tensors; from_pretrained re-ties it
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, mine(x), rtol=0, atol=1e-4)

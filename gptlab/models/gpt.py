@@ -1,9 +1,9 @@
 """GPT language model in plain PyTorch: GPT-2 by default, later designs by config switch.
 
-One file, top to bottom: config, rotary embedding, attention (with an optional key/value cache for
-incremental decoding), MLP, block, model. The defaults are GPT-2: token + learned position embeddings,
-pre-LayerNorm residual blocks, causal multi-head self-attention, a 4x GELU MLP, a final LayerNorm and
-an output head tied to the token embedding. Each switch below swaps in one part of a later model;
+Top to bottom: config, attention (the key/value cache for incremental decoding is in kv_cache.py,
+the rotary embedding in rope.py), MLP, block, model. The defaults are GPT-2: token + learned position
+embeddings, pre-LayerNorm residual blocks, causal multi-head self-attention, a 4x GELU MLP, a final
+LayerNorm and an output head tied to the token embedding. Each switch below swaps in one part of a later model;
 Llama is `pos=rope norm=rmsnorm mlp=swiglu bias=false` (Llama 3 adds `n_kv_head`):
 
     pos       learned | rope          rotary position embedding (base `rope_theta`) on q and k
@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import ConfigError
+from gptlab.models.kv_cache import KVCache
+from gptlab.models.rope import apply_rope, rope_angles
 
 CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
 
@@ -91,56 +93,10 @@ class GPTConfig:
         return [f"model.{k}={getattr(self, k)}" for k, v in gpt2.items() if getattr(self, k) != v]
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim), in float32, of the rotation of each position.
-
-    The rotate-half layout of Hugging Face's Llama: channel i is paired with channel i + head_dim/2
-    (not with its neighbour, as Meta's original code pairs them), so HF Llama's q/k weights load unpermuted.
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cast like HF, to x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.layer_norm_eps)
     return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
-
-
-class KVCache:
-    """Keys and values of one attention layer, shape (B, n_kv_head, block_size, head_dim).
-
-    A ring buffer: position p lives in slot p % block_size. Learned positions never get past
-    block_size (gptlab.sampling rebuilds the cache first). RoPE keys carry their position in their
-    rotation and a single new query may look at all of them, so their order does not matter: once
-    full, each new token overwrites the oldest and the window slides by one, at no cost.
-    """
-
-    def __init__(self, batch_size: int, config: GPTConfig, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v of positions [pos, pos + T) and return every cached one (at most block_size)."""
-        T, size = k.size(2), self.k.size(2)
-        if pos == 0:  # prefill
-            self.k[:, :, :T], self.v[:, :, :T] = k, v
-            return self.k[:, :, :T], self.v[:, :, :T]
-        if T != 1:
-            raise ValueError("KV-cache decoding after the prefill takes one token at a time")
-        self.k[:, :, pos % size], self.v[:, :, pos % size] = k[:, :, 0], v[:, :, 0]
-        n = min(pos + 1, size)
-        return self.k[:, :, :n], self.v[:, :, :n]
 
 
 class CausalSelfAttention(nn.Module):
