@@ -132,7 +132,8 @@ class CausalSelfAttention(nn.Module):
             # decoding one token after the prefill: it may look at every cached position
             is_causal = is_causal and pos == 0
         if attention is None:
-            # Flash / memory-efficient attention where the backend has it; the causal mask is implicit.
+            # Flash / memory-efficient attention where the backend has it; the causal mask is implicit
+            # (is_causal) unless a sliding-window mask is given
             gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal, **gqa
