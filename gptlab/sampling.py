@@ -63,29 +63,38 @@ def generate(
     """Extend `idx` (B, T) by `max_new_tokens` tokens.
 
     Without a cache every step reruns the model on the last `block_size` tokens. With the cache each
-    step feeds only the newest token. Learned absolute positions mean that once the cache is full
-    the window cannot simply slide: the cache is rebuilt from the last `block_size // 2` tokens (one
-    prefill), after which decoding is incremental again for the next `block_size // 2` tokens.
-    Until the sequence first outgrows `block_size` both paths compute the same logits.
+    step feeds only the newest token. Past `block_size` the two policies differ by position kind:
+
+    * RoPE (`model.sliding_cache`): the cache slides. The newest key/value overwrites the oldest and
+      positions keep growing; RoPE's scores depend on distances only, so every layer attends over the
+      last `block_size` tokens, as the full sequence would with a sliding-window mask
+      (`model(seq, window=block_size)`). With one layer that equals recomputing the last
+      `block_size` tokens; deeper, a cached key also remembers what its token saw before the window.
+    * Learned positions: the window cannot slide, so the cache is rebuilt from the last
+      `block_size // 2` tokens (one prefill), after which decoding is incremental again for the next
+      `block_size // 2` tokens.
+
+    Until the sequence first outgrows `block_size` all paths compute the same logits.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     block = model.config.block_size
     cache = model.new_cache(idx.size(0)) if use_cache and hasattr(model, "new_cache") else None
+    slides = getattr(model, "sliding_cache", False)
     keep = max(1, block // 2)
-    filled = 0  # tokens of the current window held in the cache
+    pos = 0  # position of the next token fed with the cache; 0: prefill
     try:
         for step in range(max_new_tokens):
             if cache is None:
                 logits = model(idx[:, -block:])
-            elif filled == 0 or filled >= block:
+            elif pos == 0 or (pos >= block and not slides):
                 window = idx[:, -(block if step == 0 else keep):]
                 logits = model(window, cache=cache, pos=0)  # prefill
-                filled = window.size(1)
+                pos = window.size(1)
             else:
-                logits = model(idx[:, -1:], cache=cache, pos=filled)
-                filled += 1
+                logits = model(idx[:, -1:], cache=cache, pos=pos)
+                pos += 1
             nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)
             idx = torch.cat((idx, nxt), dim=1)
             if eot_id is not None and bool((nxt == eot_id).all()):

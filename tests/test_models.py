@@ -112,3 +112,16 @@ def test_flops_per_token():
     m = build_model({**GPT2, "qkv_bias": True})
     n = m.num_params(non_embedding=True)
     assert m.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_defaults_keep_gpt2_parameter_names_and_untied_flops_skip_the_lookup_table():
+    m = build_model(dict(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, tie_weights=False))
+    assert sorted(m.state_dict()) == sorted(
+        ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+         "lm_head.weight"]
+        + [f"transformer.h.0.{n}" for n in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                                            "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                                            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+    )
+    # an untied token table is a lookup (no FLOPs); the head is a matmul and counts
+    assert m.num_params(non_embedding=True) == m.num_params() - 16 * 32 - 50 * 32

@@ -1,9 +1,16 @@
-"""GPT-2 style language model in plain PyTorch.
+"""GPT language model in plain PyTorch: GPT-2 by default, later designs by config switch.
 
-One file, top to bottom: config, attention (with an optional key/value cache for incremental
-decoding), MLP, block, model. The design is GPT-2's: token + learned position embeddings,
-pre-LayerNorm residual blocks, causal multi-head self-attention, a 4x GELU MLP, a final LayerNorm
-and an output head tied to the token embedding.
+Top to bottom: config, attention (the key/value cache for incremental decoding is in kv_cache.py,
+the rotary embedding in rope.py), MLP, block, model. The defaults are GPT-2: token + learned position
+embeddings, pre-LayerNorm residual blocks, causal multi-head self-attention, a 4x GELU MLP, a final
+LayerNorm and an output head tied to the token embedding. Each switch below swaps in one part of a later model;
+Llama is `pos=rope norm=rmsnorm mlp=swiglu bias=false` (Llama 3 adds `n_kv_head`):
+
+    pos       learned | rope          rotary position embedding (base `rope_theta`) on q and k
+    norm      layernorm | rmsnorm     for the blocks and the final norm
+    mlp       gelu | swiglu | relu2   hidden width `mlp_hidden`
+    qk_norm   RMSNorm on queries and keys, per head, before RoPE (OLMo 2, Qwen 3)
+    n_kv_head fewer key/value heads than query heads: grouped-query attention (1: multi-query)
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import ConfigError
+from gptlab.models.kv_cache import KVCache
+from gptlab.models.rope import apply_rope, rope_angles
+
+CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
 
 
 @dataclass
@@ -26,24 +37,48 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear layers (but see qkv_bias) and LayerNorms
+    bias: bool = True  # biases in Linear layers (but see qkv_bias) and LayerNorms (RMSNorm has none)
     qkv_bias: bool | None = None  # bias of the query/key/value projection; None: same as `bias`
     tie_weights: bool = True  # share the output head with the token embedding (GPT-2 does)
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # epsilon of every norm, LayerNorm or RMSNorm
+    pos: str = "learned"  # learned: GPT-2's position embedding table; rope: rotary embedding
+    rope_theta: float = 10000.0  # RoPE's base (Llama 2: 1e4, Llama 3: 5e5)
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None  # None: 4 n_embd; for swiglu 8/3 n_embd rounded up to a multiple of 32
+    qk_norm: bool = False
+    n_kv_head: int | None = None  # None: n_head (multi-head attention)
 
     def __post_init__(self) -> None:
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            # swiglu has three matrices: 8/3 of the width keeps the parameters of a 4x two-matrix MLP
+            self.mlp_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32) if self.mlp == "swiglu" else 4 * self.n_embd
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name}={value!r}: must be a positive integer")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
                 f"each head gets n_embd / n_head channels; pick e.g. "
                 f"model.n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
+        if self.n_head % self.n_kv_head != 0:
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each key/value "
+                f"head serves n_head / n_kv_head query heads"
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.pos=rope needs an even head size, not n_embd / n_head = {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta}: must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
 
@@ -51,82 +86,112 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def variant_options(self) -> list[str]:
+        """The switches set away from GPT-2's, as `model.key=value` (for exporters that speak GPT-2 only)."""
+        gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+                "n_kv_head": self.n_head, "mlp_hidden": 4 * self.n_embd}
+        return [f"model.{k}={getattr(self, k)}" for k, v in gpt2.items() if getattr(self, k) != v]
 
-class KVCache:
-    """Preallocated keys and values of one attention layer, shape (B, n_head, block_size, head_dim)."""
 
-    def __init__(self, batch_size: int, config: GPTConfig, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v for positions [pos, pos + T) and return everything cached up to there."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        # query, key and value for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        # queries for all heads, keys and values for the n_kv_head heads, in one matmul
+        kv = config.n_kv_head * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+        self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        is_causal = True
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        is_causal = mask is None
         if cache is not None:
             k, v = cache.update(pos, k, v)
-            if pos > 0:
-                # Decoding: the new queries may look at every cached position. Only single-token steps
-                # (or a prefill from position 0) are issued by gptlab.sampling, so no mask is needed.
-                if T != 1:
-                    raise ValueError("KV-cache decoding after the prefill takes one token at a time")
-                is_causal = False
-        # Flash / memory-efficient attention where the backend has it; the causal mask is implicit.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+            # decoding one token after the prefill: it may look at every cached position
+            is_causal = is_causal and pos == 0
+        if attention is None:
+            # Flash / memory-efficient attention where the backend has it; the causal mask is implicit
+            # (is_causal) unless a sliding-window mask is given
+            gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal, **gqa
+            )
+        else:
+            y = self._explicit(q, k, v, is_causal, mask, attention)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def _explicit(q, k, v, is_causal, mask, attention: list) -> torch.Tensor:
+        """SDPA's math written out (no dropout), keeping the probabilities (B, n_head, T, S) for pictures."""
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # SDPA's enable_gqa grouping
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        T, S = q.size(2), k.size(2)
+        if mask is None and is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        attention.append(probs)
+        return probs @ v
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 used the tanh approximation of GELU; keep it so imported weights behave identically.
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        if config.mlp == "swiglu":  # SiLU(x W_gate) * (x W_fc): the gate of Llama's MLP
+            self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        elif config.mlp == "gelu":  # GPT-2's tanh approximation, so imported weights behave identically
+            self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.kind == "swiglu":
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        elif self.kind == "relu2":  # squared ReLU (Primer; modded-nanogpt)
+            h = F.relu(self.c_fc(x)).square()
+        else:
+            h = self.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        # pre-LayerNorm: the residual stream itself is never normalised, which keeps deep stacks stable
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
+        # pre-norm: the residual stream itself is never normalised, which keeps deep stacks stable
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask, attention)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,15 +199,20 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
-            )
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            # Non-persistent buffers: not in the state_dict, but they follow .to(device / dtype).
+            cos, sin = rope_angles(torch.arange(config.block_size), config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix serves as input embedding and output projection (GPT-2, "Using the Output
@@ -164,20 +234,45 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(
-        self, idx: torch.Tensor, cache: list[KVCache] | None = None, pos: int = 0
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T) that stand at positions [pos, pos + T)."""
-        T = idx.size(1)
-        if pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}; crop the context"
-            )
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache is not None else None, pos)
+    @property
+    def sliding_cache(self) -> bool:
+        """Whether a full KV cache may slide (RoPE) rather than be rebuilt (learned positions)."""
+        return self.config.pos == "rope"
+
+    def forward(self, idx, cache=None, pos=0, window=None, attention=None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T) that stand at positions [pos, pos + T).
+
+        `window`: each token attends to the last `window` tokens only (itself included), which is what
+        decoding with a sliding cache computes; with RoPE the sequence may then be longer than block_size.
+        `attention`: a list that receives each layer's attention probabilities (B, n_head, T, T), from
+        an explicit softmax instead of scaled_dot_product_attention (for pictures; slower).
+        """
+        T, block = idx.size(1), self.config.block_size
+        learned = self.config.pos == "learned"
+        if (pos + T > block and learned) or (T > block and not learned and window is None):
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={block}; crop the context")
+        x = self.transformer.wte(idx)
+        rope = None if learned else self._rope(pos, T)
+        if learned:
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+        mask = None
+        if window is not None:
+            if cache is not None:
+                raise ValueError("window= is for full sequences, not for KV-cache decoding")
+            i = torch.arange(T, device=idx.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        x = self.transformer.drop(x)
+        for i, block_ in enumerate(self.transformer.h):
+            x = block_(x, rope, cache[i] if cache is not None else None, pos, mask, attention)
         return self.lm_head(self.transformer.ln_f(x))
+
+    def _rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if pos + T <= self.rope_cos.size(0):
+            return self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        # decoding past block_size: positions keep growing (only distances matter to RoPE)
+        positions = torch.arange(pos, pos + T, device=self.rope_cos.device)
+        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        return cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
 
     def new_cache(self, batch_size: int) -> list[KVCache]:
         """Empty key/value caches for incremental decoding (see gptlab.sampling.generate)."""
@@ -186,15 +281,22 @@ class GPT(nn.Module):
         return [KVCache(batch_size, self.config, weight.device, dtype) for _ in self.transformer.h]
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; a tied head is counted once. `non_embedding` leaves out the position
-        embedding (and the token embedding when it is not reused as the head), as nanoGPT reports."""
+        """Parameter count; a tied head is counted once. `non_embedding` leaves out the embedding
+        lookups (which cost no FLOPs): the position table, and the token table unless it is the head."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T.
+
+        N holds every matmul's weights, so grouped-query attention (smaller c_attn) and swiglu (three
+        matrices) are counted as they are; the attention term has one score per query head.
+        """
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
