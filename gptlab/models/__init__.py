@@ -13,8 +13,8 @@ from gptlab.models.gpt import GPT, GPTConfig, KVCache
 
 ARCHS: dict[str, tuple[type, type]] = {"gpt": (GPT, GPTConfig), "bigram": (Bigram, BigramConfig)}
 
-# keys of the `model` config group that steer how the model is built or run, not its shape
-RUNTIME_KEYS = ("arch", "compile", "init_from")
+# the key of a model config that picks the class; the others are its config dataclass's fields
+RUNTIME_KEYS = ("arch",)
 
 
 def model_config(cfg: dict[str, Any]) -> GPTConfig | BigramConfig:
