@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gptlab.data.tokenizers import tokenizer_from_state
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, GptlabError
 from gptlab.models.gpt import GPT
+from gptlab.sampling import start_ids
 
 # viridis at 0, 1/4, 1/2, 3/4 and 1 (perceptually uniform, readable in grey); linear in between
 VIRIDIS = torch.tensor(
@@ -70,7 +71,7 @@ class AttentionMaps(L.Callback):
 
     def __init__(
         self,
-        prompt: str = "First Citizen:\nBefore we proceed any further, hear me speak.",
+        prompt: str | None = None,
         max_tokens: int = 32,
         every_n_validations: int = 1,
         cell_pixels: int = 96,
@@ -96,9 +97,7 @@ class AttentionMaps(L.Callback):
         if (not loggers or (self.validations - 1) % self.every_n_validations
                 or not pl_module.hparams.get("tokenizer") or not isinstance(model, GPT)):
             return
-        tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
-        ids = tokenizer.encode(self.prompt) or [tokenizer.eot_id or 0]
-        ids = ids[-min(self.max_tokens, model.config.block_size):]
+        ids = self._ids(trainer, pl_module)[-min(self.max_tokens, model.config.block_size):]
         probs = attention_probs(model, torch.tensor([ids], dtype=torch.long, device=pl_module.device))
         if not trainer.is_global_zero:
             return
@@ -107,6 +106,22 @@ class AttentionMaps(L.Callback):
             # the step Lightning gives this validation's metrics (one less than global_step)
             logger.experiment.add_image(self.tag, image, global_step=max(0, trainer.global_step - 1),
                                         dataformats="CHW")
+
+    def _ids(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[int]:
+        """The prompt's tokens; with no prompt, the start of the validation split (in every vocabulary)."""
+        if self.prompt is None:
+            val = getattr(trainer.datamodule, "val_tokens", None) if trainer.datamodule is not None else None
+            if val is not None and len(val):
+                return [int(t) for t in val[: self.max_tokens]]
+        tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
+        return start_ids(tokenizer, self.prompt)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.prompt is not None and pl_module.hparams.get("tokenizer"):  # fail now, not at the first validation
+            try:
+                tokenizer_from_state(pl_module.hparams["tokenizer"]).encode(self.prompt)
+            except GptlabError as e:
+                raise ConfigError(f"callbacks.attention_maps.prompt: {e}") from None
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
