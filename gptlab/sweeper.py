@@ -13,21 +13,24 @@ in its storage (Optuna's RDB storage: SQLite by default, any SQLAlchemy URL), so
 - a trial whose job failed (gptlab.jobs writes FAILED and returns None) is told to Optuna as FAIL.
 
 Job directories are named by trial number, so they stay distinct across restarts and sweepers.
+Hydra instantiates it through hydra_plugins/gptlab_sweeper/study_sweeper.py (Hydra's plugin namespace).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.utils import JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from gptlab.files import owner_gone, owner_tag
 
@@ -67,8 +70,16 @@ class StudySweeperImpl(OptunaSweeperImpl):
     def _study(self) -> optuna.Study:
         if isinstance(self.storage, str) and self.storage.startswith("sqlite:///"):
             Path(self.storage[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    directions=self._get_directions(), load_if_exists=True)
+        for attempt in range(5):
+            try:
+                study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                            directions=self._get_directions(), load_if_exists=True)
+                break
+            except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError):
+                # two sweepers creating the same new storage or study at once: one wins, the other loads it
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + random.random())
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if owner_gone(str(trial.system_attrs.get(OWNER, ""))):
                 study._storage.set_trial_system_attr(trial._trial_id, KILLED, True)
@@ -121,11 +132,3 @@ class StudySweeperImpl(OptunaSweeperImpl):
             results = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values}
                                                        for t in study.best_trials]}
         OmegaConf.save(OmegaConf.create(results), Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
-
-
-class StudySweeper(OptunaSweeper):
-    """`hydra.sweeper._target_` for conf/hparams_search/optuna.yaml: Hydra's Optuna sweeper with the
-    study rules above."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.sweeper = StudySweeperImpl(**kwargs)

@@ -82,7 +82,7 @@ def test_hydra_launcher_and_sweeper_options_compose():
     assert joblib._target_.endswith("JoblibLauncher")
     cfg = compose_train(["hparams_search=optuna"], hydra_cfg=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "gptlab.sweeper.StudySweeper"
+    assert sweeper._target_ == "hydra_plugins.gptlab_sweeper.study_sweeper.StudySweeper"
     assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db?timeout=60"
     assert cfg.hydra.sweep.dir.endswith("/train/optuna/gptlab")  # one directory per study: re-runs find it
     assert sweeper.direction == "minimize" and sweeper.n_trials == 20
