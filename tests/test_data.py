@@ -8,10 +8,12 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader
 
+import gptlab.data.corpus as corpus_mod
 import gptlab.data.prepare as prep
 from gptlab.data import TokenDataModule
 from gptlab.data.datasets import FixedWindows, TrainBatches
-from gptlab.data.download import TINY_SHAKESPEARE_SHA256, download, sha256_file
+from gptlab.data.download import TINY_SHAKESPEARE_SHA256, download
+from gptlab.files import sha256_file
 from gptlab.errors import DataError
 
 from conftest import SHAKESPEARE
@@ -51,8 +53,8 @@ def test_prepare_known_figures_and_cache_reuse(tmp_path, tokenizer, train, val, 
 
 def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
     """Cut the corpus into many small chunks: the token files must equal whole-text encoding."""
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 4096)
-    monkeypatch.setattr(prep, "READ_BYTES", 1000)
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 4096)
+    monkeypatch.setattr(corpus_mod, "READ_BYTES", 1000)
     corpus = tmp_path / "docs"
     corpus.mkdir()
     (corpus / "a.txt").write_text(TEXT[:150_000], encoding="utf-8")
@@ -73,7 +75,7 @@ def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
 @pytest.mark.parametrize("tokenizer", ["char", "word", "bpe"])
 def test_worker_processes_write_the_same_tokens_as_one_process(tmp_path, monkeypatch, tokenizer):
     """Chunks encoded by forked worker processes come back in order: the token files are identical."""
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 20_000)  # ~15 chunks, some of them straddle the split
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 20_000)  # ~15 chunks, some of them straddle the split
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT[:300_000], encoding="utf-8")
     spec = {"kind": tokenizer, "encoding": "gpt2"}

@@ -14,7 +14,7 @@ TEXT = SHAKESPEARE.read_text(encoding="utf-8")
 
 
 def test_char_tokenizer_on_tiny_shakespeare():
-    tok = CharTokenizer.fit([TEXT])
+    tok = CharTokenizer(TEXT)
     assert tok.vocab_size == 65
     assert tok.encode("hii there") == [46, 47, 47, 1, 58, 46, 43, 56, 43]
     assert tok.decode(tok.encode("hii there")) == "hii there"
@@ -25,7 +25,7 @@ def test_char_tokenizer_on_tiny_shakespeare():
 
 
 def test_word_tokenizer_like_the_book():
-    tok = WordTokenizer.fit(['"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'])
+    tok = WordTokenizer(WordTokenizer.split('"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'))
     words = tok.itos
     assert words[-2:] == ["<|endoftext|>", "<|unk|>"]
     assert words[:-2] == sorted(words[:-2])

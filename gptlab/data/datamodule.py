@@ -12,6 +12,44 @@ from gptlab.data.datasets import FixedWindows, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
 from gptlab.data.prepare import Prepared, corpus_files, prepare_corpus
 from gptlab.errors import ConfigError, DataError
+from gptlab.files import FilesystemError
+
+# The settings that data.block_size mirrors: the model's context is chosen in the model group.
+_KEY = {"block_size": "model.block_size"}
+
+
+def _check_settings(s: dict[str, Any]) -> None:
+    """ConfigError naming the key for a value the data module cannot use."""
+
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{_KEY.get(name, 'data.' + name)}={s[name]!r}: {why}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if s["tokenizer"] not in ("char", "word", "bpe"):
+        raise bad("tokenizer", "unknown; choose one of ['bpe', 'char', 'word']")
+    if not isinstance(s["encoding"], str) or not s["encoding"]:
+        raise bad("encoding", "must be the name of a tiktoken encoding, e.g. gpt2")
+    if s["sampler"] not in ("random", "sliding"):
+        raise bad("sampler", "unknown; choose 'random' or 'sliding'")
+    for name in ("block_size", "batch_size", "val_windows"):
+        if not is_int(s[name]) or s[name] < 1:
+            raise bad(name, "must be a positive integer")
+    vf = s["val_fraction"]
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0.0 < vf < 1.0:
+        raise bad("val_fraction", "must be a number between 0 and 1 (exclusive)")
+    if s["stride"] is not None and (not is_int(s["stride"]) or s["stride"] < 1):
+        raise bad("stride", "must be a positive integer (or null: one block_size)")
+    if not is_int(s["seed"]):
+        raise bad("seed", "must be an integer")
+    if not is_int(s["num_workers"]) or s["num_workers"] < 0:
+        raise bad("num_workers", "must be an integer >= 0 (0: load batches in the training process)")
+    if s["prepare_workers"] is not None and (not is_int(s["prepare_workers"]) or s["prepare_workers"] < 1):
+        raise bad("prepare_workers", "must be an integer >= 1 (or null: one per CPU, at most 8)")
+    for name in ("verify", "pin_memory"):
+        if not isinstance(s[name], bool):
+            raise bad(name, "must be true or false")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -53,13 +91,7 @@ class TokenDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ):
         super().__init__()
-        if tokenizer not in ("char", "word", "bpe"):
-            raise ConfigError(f"data.tokenizer={tokenizer!r} is unknown; choose one of ['bpe', 'char', 'word']")
-        if sampler not in ("random", "sliding"):
-            raise ConfigError(f"data.sampler={sampler!r} is unknown; choose 'random' or 'sliding'")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"data.{name}={value!r}: must be a positive integer")
+        _check_settings(locals())
         # Resolve paths now, against the directory the user launched from (Hydra does not chdir).
         self.path = Path(path).expanduser().resolve() if path else None
         self.url = url
@@ -96,16 +128,21 @@ class TokenDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.prepared is None:
-            files, root = self.corpus()
-            self.prepared = prepare_corpus(
-                files,
-                self.tokenizer_spec,
-                self.data_dir / "prepared",
-                val_fraction=self.val_fraction,
-                workers=self.prepare_workers,
-                verify=self.verify,
-                corpus_root=root,
-            )
+            try:
+                files, root = self.corpus()
+                self.prepared = prepare_corpus(
+                    files,
+                    self.tokenizer_spec,
+                    self.data_dir / "prepared",
+                    val_fraction=self.val_fraction,
+                    workers=self.prepare_workers,
+                    verify=self.verify,
+                    corpus_root=root,
+                )
+            except FilesystemError as e:
+                if str(self.data_dir) not in str(e):
+                    raise
+                raise FilesystemError(f"{e} (data.data_dir, default $GPTLAB_DATA_DIR, chooses it)") from None
             for split, name in (("train", "training"), ("val", "validation")):
                 n = self.prepared.meta["tokens"][split]
                 if n <= self.block_size:

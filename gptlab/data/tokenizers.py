@@ -8,28 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from gptlab.errors import ConfigError, GptlabError
 
 ENDOFTEXT = "<|endoftext|>"
 UNK = "<|unk|>"
-
-
-class Tokenizer(Protocol):
-    kind: str
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eot_id(self) -> int | None: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
 
 
 class UnknownCharacterError(GptlabError):
@@ -46,13 +30,6 @@ class CharTokenizer:
         if not self.chars:
             raise ConfigError("a char tokenizer needs at least one character")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-
-    @classmethod
-    def fit(cls, texts: Iterable[str]) -> CharTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(text)
-        return cls(seen)
 
     @property
     def vocab_size(self) -> int:
@@ -96,13 +73,6 @@ class WordTokenizer:
     @classmethod
     def split(cls, text: str) -> list[str]:
         return [piece.strip() for piece in cls.SPLIT.split(text) if piece.strip()]
-
-    @classmethod
-    def fit(cls, texts: Iterable[str]) -> WordTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(cls.split(text))
-        return cls(seen)
 
     @property
     def vocab_size(self) -> int:
@@ -168,11 +138,23 @@ TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | WordTokenizer | BPETokenizer:
+    """The tokenizer a `state_dict()` describes; ConfigError (naming what is wrong) for anything else."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"a tokenizer state is a dict, not {type(state).__name__}")
     kind = state.get("kind")
     if kind == "char":
-        return CharTokenizer(state["chars"])
+        chars = state.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise ConfigError(f"char tokenizer state: 'chars' is {chars!r}, not a non-empty string")
+        return CharTokenizer(chars)
     if kind == "word":
-        return WordTokenizer(state["words"])
+        words = state.get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ConfigError("word tokenizer state: 'words' is not a list of strings")
+        return WordTokenizer(words)
     if kind == "bpe":
-        return BPETokenizer(state.get("encoding", "gpt2"))
+        encoding = state.get("encoding", "gpt2")
+        if not isinstance(encoding, str):
+            raise ConfigError(f"bpe tokenizer state: 'encoding' is {encoding!r}, not a name")
+        return BPETokenizer(encoding)
     raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZERS)}")
