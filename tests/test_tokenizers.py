@@ -25,7 +25,8 @@ def test_char_tokenizer_on_tiny_shakespeare():
 
 
 def test_word_tokenizer_like_the_book():
-    tok = WordTokenizer(WordTokenizer.split('"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'))
+    sentence = '"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'
+    tok = WordTokenizer(WordTokenizer.split(sentence))
     words = tok.itos
     assert words[-2:] == ["<|endoftext|>", "<|unk|>"]
     assert words[:-2] == sorted(words[:-2])
