@@ -2,6 +2,11 @@
 
 Each one round-trips through `state_dict()` / `tokenizer_from_state()`: a small dict of plain
 containers that travels in `meta.json` and in checkpoints, so a checkpoint alone can sample.
+
+`token_bytes()` gives, for every token id, the number of UTF-8 bytes of text it stands for, so that
+a loss in nats per token converts to bits per byte, a figure comparable across tokenizers:
+bpb = sum(loss) / ln 2 / sum(token_bytes[targets]). Special tokens (<|endoftext|>, ...) stand for
+no text and count 0 bytes: leave targets with 0 bytes out of both sums.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from gptlab.errors import ConfigError, GptlabError
 
@@ -52,6 +59,10 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 length of each character."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
@@ -88,6 +99,14 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._DETACH.sub(r"\1", " ".join(self.itos[i] for i in ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """The bytes each word adds to `decode`'s text: its UTF-8 length plus the space decode puts
+        before it (none before the punctuation decode attaches to the previous word); 0 for
+        <|endoftext|>. (A sequence's first word is counted with its space: one byte too many.)"""
+        sizes = [len(w.encode("utf-8")) + (0 if self._DETACH.fullmatch(" " + w) else 1) for w in self.itos]
+        sizes[self.stoi[ENDOFTEXT]] = 0
+        return np.array(sizes, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "words": list(self.itos[:-2])}
@@ -129,6 +148,18 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """The length of each token's bytes; 0 for special tokens and for ids the encoding leaves unused."""
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+        for i in range(self.vocab_size):
+            if i not in special:
+                try:
+                    sizes[i] = len(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pass  # a gap in the vocabulary (cl100k_base has some)
+        return sizes
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoding": self.encoding}
