@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import gptlab.data.corpus as corpus_mod
 import gptlab.data.prepare as prep
+from gptlab.data.corpus import Corpus
 from gptlab.data import TokenDataModule
 from gptlab.data.datasets import FixedWindows, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, download
@@ -64,8 +65,7 @@ def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
     corpus.mkdir()
     (corpus / "a.txt").write_text(TEXT[:150_000], encoding="utf-8")
     (corpus / "b.txt").write_text("  x\n\n\n  " + TEXT[150_000:200_000] + "ünïcödé  ", encoding="utf-8")
-    files = prep.corpus_files(corpus)
-    p = prep.prepare_corpus(files, {"kind": "bpe", "encoding": "gpt2"}, tmp_path / "out", corpus_root=corpus,
+    p = prep.prepare_corpus(Corpus(corpus), {"kind": "bpe", "encoding": "gpt2"}, tmp_path / "out",
                             workers=2, log=lambda *a: None)
     enc = tiktoken.get_encoding("gpt2")
     full = (corpus / "a.txt").read_text() + "<|endoftext|>" + (corpus / "b.txt").read_text()
@@ -333,7 +333,8 @@ def test_leftovers_of_killed_preparations_are_removed_but_live_ones_kept(tmp_pat
             os.write(ready[1], b"1")
             os.read(go[0], 1)  # wait while the parent prepares
             w.write("val", np.arange(10))
-            w.publish({"kind": "char", "chars": "".join(chr(65 + i) for i in range(100))}, 100, 0.1, {})
+            w.publish({"kind": "char", "chars": "".join(chr(65 + i) for i in range(100))}, 100, 0.1, {},
+                      split={"by": "text", "seed": 0, "documents": {"train": 1, "val": 1}}, settings={})
 
     live = _fork(live_preparation)
     os.read(ready[0], 1)

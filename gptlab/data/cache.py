@@ -3,8 +3,11 @@
     train.bin, val.bin   token ids, native byte order, of meta["dtype"] (uint16 or uint32)
     meta.json            what the files hold (schema below), written last
 
-    {"format": 1, "tokenizer": {"kind": ..., ...}, "vocab_size": int, "dtype": "uint16" | "uint32",
-     "val_fraction": float, "corpus": {"sha256": str, "files": int, "bytes": int, "chars": int},
+    {"format": 2, "tokenizer": {"kind": ..., ...}, "vocab_size": int, "dtype": "uint16" | "uint32",
+     "val_fraction": float,
+     "corpus": {"sha256": str, "files": int, "bytes": int | None, "chars": int, "documents": int},
+     "split": {"by": "document" | "text", "seed": int, "documents": {"train": int, "val": int}},
+     "settings": {...},  # the reading settings in the cache key (text_field, separator, ...)
      "tokens": {"train": int, "val": int}, "sha256": {"train": str, "val": str}}
 
 A cache is built in a private temporary directory (`CacheWriter`) and renamed into place, so
@@ -31,7 +34,7 @@ from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import ConfigError, DataError
 from gptlab.files import fs_error, remove_stale, temp_name, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 DTYPES = ("uint16", "uint32")
 
@@ -54,8 +57,13 @@ class Prepared:
         return tokenizer_from_state(self.meta["tokenizer"])
 
 
-def cache_dir(root: Path, corpus_sha256: str, tokenizer_key: str, val_fraction: float) -> Path:
-    return Path(root) / f"{corpus_sha256[:16]}-{tokenizer_key}-val{val_fraction:g}"
+def cache_dir(root: Path, corpus_sha256: str, tokenizer_key: str, val_fraction: float,
+              settings: dict[str, Any] | None = None) -> Path:
+    """`<corpus>-<tokenizer>-val<fraction>[-<settings>]`: a hash of the settings, if there are any."""
+    name = f"{corpus_sha256[:16]}-{tokenizer_key}-val{val_fraction:g}"
+    if settings:
+        name += "-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(root) / name
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -73,9 +81,9 @@ def validate_meta(meta: Any) -> str | None:
     if not isinstance(meta, dict):
         return f"meta.json holds a {type(meta).__name__}, not an object"
     if meta.get("format") != FORMAT_VERSION:
-        return f"format {meta.get('format')!r} != {FORMAT_VERSION}"
+        return f"format {meta.get('format')!r} != {FORMAT_VERSION} (written by another gptlab version)"
     expected = {"tokenizer": dict, "vocab_size": int, "dtype": str, "val_fraction": (int, float),
-                "corpus": dict, "tokens": dict, "sha256": dict}
+                "corpus": dict, "split": dict, "settings": dict, "tokens": dict, "sha256": dict}
     for key, kind in expected.items():
         if key not in meta:
             return f"meta.json has no {key!r}"
@@ -88,6 +96,11 @@ def validate_meta(meta: Any) -> str | None:
             return f"meta.json tokens.{split} is {meta['tokens'].get(split)!r}, not a count"
         if not isinstance(meta["sha256"].get(split), str):
             return f"meta.json sha256.{split} is {meta['sha256'].get(split)!r}, not a checksum"
+    split = meta["split"]
+    if split.get("by") not in ("document", "text") or not isinstance(split.get("documents"), dict):
+        return f"meta.json split is {split!r}, not a split description"
+    if not all(_is_int(split["documents"].get(s)) for s in SPLITS):
+        return f"meta.json split.documents is {split['documents']!r}, not counts"
     try:
         tok = tokenizer_from_state(meta["tokenizer"])
     except ConfigError as e:
@@ -196,7 +209,8 @@ class CacheWriter:
         self.counts[split] += len(data) // self.dtype.itemsize
 
     def publish(self, tokenizer: dict[str, Any], vocab_size: int, val_fraction: float,
-                corpus: dict[str, Any], verify: bool = True) -> Prepared:
+                corpus: dict[str, Any], split: dict[str, Any], settings: dict[str, Any],
+                verify: bool = True) -> Prepared:
         """Write meta.json and move the finished cache into place."""
         meta = {
             "format": FORMAT_VERSION,
@@ -205,6 +219,8 @@ class CacheWriter:
             "dtype": self.dtype.name,
             "val_fraction": val_fraction,
             "corpus": corpus,
+            "split": split,
+            "settings": settings,
             "tokens": dict(self.counts),
             "sha256": {s: h.hexdigest() for s, h in self.hashes.items()},
         }

@@ -1,8 +1,8 @@
 """Encoding a corpus into token-id arrays, in this process or in a pool of workers.
 
-`corpus_encoder` gives the fast text -> numpy array function of a tokenizer; `Encoder` runs it over
-a stream of text pieces, in parallel, and hands the results back in input order with a bounded
-number of pieces in flight, so memory stays flat however long the stream.
+`corpus_encoder` gives the fast function of a tokenizer from a batch of text pieces to one numpy
+array of ids; `Encoder` runs it over a stream of batches, in parallel, and hands the results back in
+input order with a bounded number of batches in flight, so memory stays flat however long the stream.
 """
 
 from __future__ import annotations
@@ -17,18 +17,37 @@ from typing import TypeVar
 import numpy as np
 
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
+from gptlab.data.trained_bpe import TrainedBPETokenizer
 
-EncodeFn = Callable[[str], np.ndarray]
+Items = list  # a batch of text pieces (str) and ready token ids (np.ndarray), encoded as one array
+EncodeFn = Callable[[Items], np.ndarray]
 Tag = TypeVar("Tag")
 
 
-def corpus_encoder(tok: CharTokenizer | WordTokenizer | BPETokenizer, dtype: np.dtype) -> EncodeFn:
-    """text -> token ids (of `dtype`) as they go into the token files."""
+def corpus_encoder(tok, dtype: np.dtype) -> EncodeFn:
+    """A batch of items -> their token ids (of `dtype`), concatenated, as they go into the token files."""
+    if isinstance(tok, TrainedBPETokenizer):
+        return partial(_encode_hf, tok.corpus_hf, dtype)
     if isinstance(tok, BPETokenizer):
-        return partial(_encode_bpe, tok.enc, dtype)
-    if isinstance(tok, CharTokenizer):
-        return partial(_encode_char, tok, _char_table(tok), dtype)
-    return partial(_encode_word, tok, dtype)
+        one = partial(_encode_bpe, tok.enc, dtype)
+    elif isinstance(tok, CharTokenizer):
+        one = partial(_encode_char, tok, _char_table(tok), dtype)
+    else:
+        one = partial(_encode_word, tok, dtype)
+    return partial(_encode_items, one, dtype)
+
+
+def _encode_items(one: Callable[[str], np.ndarray], dtype: np.dtype, items: Items) -> np.ndarray:
+    parts = [item if isinstance(item, np.ndarray) else one(item) for item in items]
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(dtype, copy=False)
+
+
+def _encode_hf(hf, dtype: np.dtype, items: Items) -> np.ndarray:
+    # encode_batch runs on all cores inside the tokenizers library; special-token text in the corpus
+    # is plain text here (TrainedBPETokenizer.corpus_hf), as in tiktoken's encoding below
+    texts = [item for item in items if isinstance(item, str)]
+    ids = iter([e.ids for e in hf.encode_batch(texts, add_special_tokens=False)])
+    return _encode_items(lambda _: np.asarray(next(ids), dtype=dtype), dtype, items)
 
 
 def _encode_bpe(enc, dtype: np.dtype, text: str) -> np.ndarray:
@@ -65,13 +84,13 @@ def _encode_word(tok: WordTokenizer, dtype: np.dtype, text: str) -> np.ndarray:
 _worker_encode: EncodeFn | None = None
 
 
-def _install(encode: EncodeFn) -> None:
+def _install(encode: EncodeFn) -> None:  # runs in each new worker process
     global _worker_encode
     _worker_encode = encode
 
 
-def _encode_in_worker(text: str) -> np.ndarray:
-    return _worker_encode(text)
+def _encode_in_worker(items: Items) -> np.ndarray:
+    return _worker_encode(items)
 
 
 class Encoder:
@@ -107,19 +126,16 @@ class Encoder:
             self._pool.shutdown(cancel_futures=True)
             self._pool = self._submit = None
 
-    def ordered(self, pieces: Iterable[tuple[Tag, str | np.ndarray]]) -> Iterator[tuple[Tag, np.ndarray]]:
-        """(tag, text) -> (tag, ids) in input order. An array instead of text passes through as is
-        (ids the caller already knows, such as a special token)."""
+    def ordered(self, batches: Iterable[tuple[Tag, Items]]) -> Iterator[tuple[Tag, np.ndarray]]:
+        """(tag, items) -> (tag, ids) in input order."""
         in_flight: deque[tuple[Tag, Future]] = deque()
-        for tag, piece in pieces:
-            if isinstance(piece, np.ndarray) or self._submit is None:
-                done: Future = Future()
-                done.set_result(piece if isinstance(piece, np.ndarray) else self.encode(piece))
-                in_flight.append((tag, done))
-            else:
-                in_flight.append((tag, self._submit(piece)))
-            # read ahead while the workers encode, but keep at most 2 pieces per worker in flight
-            while len(in_flight) > 2 * self.workers or in_flight and self._submit is None:
+        for tag, items in batches:
+            if self._submit is None:
+                yield tag, self.encode(items)
+                continue
+            in_flight.append((tag, self._submit(items)))
+            # read ahead while the workers encode, but keep at most 2 batches per worker in flight
+            while len(in_flight) > 2 * self.workers:
                 tag_, future = in_flight.popleft()
                 yield tag_, future.result()
         while in_flight:

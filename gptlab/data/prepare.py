@@ -1,17 +1,29 @@
 """Tokenize a corpus once into memory-mapped `train.bin` / `val.bin` plus `meta.json`, and cache it.
 
-The cache directory is keyed by the corpus's sha256, the tokenizer and the split, so the next run
-(or another job of a sweep) reuses it. Preparation streams (gptlab.data.corpus reads the text in
-tokenization-safe pieces, gptlab.data.encode encodes them in parallel workers, gptlab.data.cache
-appends them to the token files), so memory stays flat however large the corpus, and a crash or a
-full disk leaves nothing half-written.
+The cache directory is keyed by the corpus's content, the tokenizer, the split and the settings that
+change what is read, so the next run (or another job of a sweep) reuses it. Preparation streams
+(gptlab.data.corpus reads documents in tokenization-safe pieces, gptlab.data.encode encodes them in
+parallel workers, gptlab.data.cache appends them to the token files), so memory stays flat however
+large the corpus, and a crash or a full disk leaves nothing half-written.
+
+The passes over the corpus: (1) count documents and characters and, for char/word, learn the
+vocabulary; (2, bpe_train only) train the BPE tokenizer on the training documents; (3) encode.
+
+The split: a corpus of many documents is split by document: round(n * val_fraction) documents,
+drawn with `split_seed`, are validation, the rest training. A single document (or too few for one
+validation document) is split by characters: the last val_fraction of the text is validation.
+Documents of a split are separated by <|endoftext|> (BPE) or `separator` (char: a newline, word:
+<|endoftext|>).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,49 +31,93 @@ import numpy as np
 
 from gptlab.data import corpus as _corpus
 from gptlab.data.cache import CacheWriter, Prepared, cache_dir, check_prepared, load_prepared, token_dtype
-from gptlab.data.corpus import corpus_bytes, corpus_files, corpus_sha256, iter_text
+from gptlab.data.corpus import Corpus, corpus_files
 from gptlab.data.encode import Encoder, corpus_encoder
-from gptlab.data.tokenizers import ENDOFTEXT, BPETokenizer, CharTokenizer, WordTokenizer
+from gptlab.data.tokenizers import ENDOFTEXT, KINDS, BPETokenizer, CharTokenizer, WordTokenizer
+from gptlab.data.trained_bpe import TrainedBPETokenizer
 from gptlab.errors import ConfigError, DataError
 
 __all__ = ["prepare_corpus", "corpus_files", "check_prepared", "load_prepared", "Prepared", "tokenizer_key"]
+SEPARATORS = {"char": "\n", "word": f" {ENDOFTEXT} "}  # the defaults; BPE kinds use the special token
 
 
 def tokenizer_key(spec: dict[str, Any]) -> str:
     kind = spec.get("kind")
     if kind == "bpe":
         return f"bpe-{spec.get('encoding', 'gpt2')}"
+    if kind == "bpe_train":
+        specials = spec.get("special_tokens") or [ENDOFTEXT]
+        extra = "" if specials == [ENDOFTEXT] else "-" + hashlib.sha256(json.dumps(specials).encode()).hexdigest()[:8]
+        return f"bpe_train{spec.get('vocab_size')}{extra}"
     if kind in ("char", "word"):
         return kind
-    raise ConfigError(f"data.tokenizer={kind!r} is unknown; choose one of ['bpe', 'char', 'word']")
+    raise ConfigError(f"data.tokenizer={kind!r} is unknown; choose one of {list(KINDS)}")
 
 
-def _progress(total: int, description: str):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not sys.stderr.isatty(),
+def _progress(total: int | None, unit: str, description: str):
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
+
+    counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
+    progress = Progress("[progress.description]{task.description}", BarColumn(), *counts, TimeRemainingColumn(),
+                        transient=True, disable=not sys.stderr.isatty())
     return progress, progress.add_task(description, total=total)
 
 
-class _Split:
-    """Assigns text to train until `split_at` characters went by, then to val."""
+class _Plan:
+    """Which split each piece of text goes to, and the separators between documents."""
 
-    def __init__(self, split_at: int):
-        self.split_at = split_at
-        self.chars = 0
+    def __init__(self, n_docs: int, n_chars: int, val_fraction: float, seed: int, separator: str | np.ndarray):
+        self.separator = separator  # text (char, word) or the end-of-text id (BPE)
+        k = round(n_docs * val_fraction)
+        self.by_document = 0 < k < n_docs
+        if self.by_document:
+            self.val = np.zeros(n_docs, dtype=bool)
+            self.val[np.random.default_rng(seed).choice(n_docs, size=k, replace=False)] = True
+        else:
+            self.split_at = int(n_chars * (1.0 - val_fraction))
+        self.documents = {"train": 0, "val": 0}
 
-    def pieces(self, text: str) -> list[tuple[str, str]]:
-        """Split `text` at the train/val boundary: [(split, text), ...]."""
-        start, self.chars = self.chars, self.chars + len(text)
-        if self.chars <= self.split_at:
+    def items(self, pieces) -> Iterator[tuple[str, str | np.ndarray]]:
+        """(split, text or token ids) for the corpus's (starts_a_document, text) pieces."""
+        if self.by_document:
+            doc, split = -1, "train"
+            for starts, text in pieces:
+                if starts:
+                    doc += 1
+                    split = "val" if self.val[doc] else "train"
+                    if self.documents[split]:
+                        yield split, self.separator
+                    self.documents[split] += 1
+                yield split, text
+            return
+        chars, doc, counted = 0, -1, {"train": -1, "val": -1}
+        for starts, text in pieces:
+            if starts:
+                doc += 1
+                if doc and isinstance(self.separator, np.ndarray):  # one token, as long as its text
+                    yield ("train" if chars < self.split_at else "val"), self.separator
+                    chars += len(ENDOFTEXT)
+                elif doc:
+                    yield from self._at(chars, self.separator)
+                    chars += len(self.separator)
+            for split, part in self._at(chars, text):
+                if counted[split] != doc:  # documents with text in each split (one may be in both)
+                    counted[split] = doc
+                    self.documents[split] += 1
+                yield split, part
+            chars += len(text)
+
+    def _at(self, start: int, text: str) -> list[tuple[str, str]]:
+        """`text`, starting at character `start`, cut at the train/val boundary."""
+        end = start + len(text)
+        if end <= self.split_at:
             return [("train", text)]
         if start >= self.split_at:
             return [("val", text)]
@@ -69,25 +125,52 @@ class _Split:
         return [("train", text[:k]), ("val", text[k:])]
 
 
+def _batches(items, limit: int) -> Iterator[tuple[str, list]]:
+    """Consecutive items of one split grouped into batches of about `limit` characters (one task for
+    an encoding worker: many small documents travel together)."""
+    split, batch, size = None, [], 0
+    for name, item in items:
+        if batch and (name != split or size >= limit):
+            yield split, batch
+            batch, size = [], 0
+        split = name
+        batch.append(item)
+        size += len(item)
+    if batch:
+        yield split, batch
+
+
 def prepare_corpus(
-    files: list[Path],
+    corpus: Corpus | list[Path],
     tokenizer: dict[str, Any],
     out_root: Path,
     val_fraction: float = 0.1,
     workers: int | None = None,
     verify: bool = True,
-    corpus_root: Path | None = None,
     log=print,
+    separator: str | None = None,
+    split_seed: int = 0,
 ) -> Prepared:
-    """Tokenize `files` with the tokenizer `tokenizer` ({"kind": ..., ...}) into a cached directory.
+    """Tokenize `corpus` (or a list of corpus files) with the tokenizer `tokenizer` ({"kind": ..., ...})
+    into a cached directory under `out_root`.
 
     `workers` encoding processes run in parallel (default: the number of CPUs, at most 8; 1 encodes
     in this process)."""
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus(list(corpus))
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction}: must be between 0 and 1 (exclusive)")
+    kind = tokenizer.get("kind")
     tok_key = tokenizer_key(tokenizer)
-    sha = corpus_sha256(files, corpus_root)
-    final = cache_dir(out_root, sha, tok_key, val_fraction)
+    if separator is not None and kind not in SEPARATORS:
+        raise ConfigError(f"data.separator={separator!r}: BPE documents are separated by {ENDOFTEXT}; "
+                          f"the separator applies to the char and word tokenizers")
+    settings = dict(corpus.settings())
+    if separator is not None:
+        settings["separator"] = separator
+    if len(corpus.sources) > 1 or corpus.kinds != {"txt"}:  # more than one document is possible
+        settings["split_seed"] = split_seed
+    sha = corpus.sha256()
+    final = cache_dir(out_root, sha, tok_key, val_fraction, settings)
     if final.exists():
         problem = check_prepared(final, verify=verify)
         if problem is None:
@@ -95,61 +178,74 @@ def prepare_corpus(
         log(f"[gptlab] prepared cache {final} is damaged ({problem}); rebuilding it")
 
     t0 = time.perf_counter()
-    total_bytes = corpus_bytes(files)
-    if total_bytes == 0:
-        raise DataError(f"the corpus {corpus_root or files[0]} is empty")
-    kind = tokenizer["kind"]
-    separator = {"bpe": ENDOFTEXT, "word": f" {ENDOFTEXT} ", "char": "\n"}[kind]
+    total, unit = corpus.size()
+    if total == 0:
+        raise DataError(f"the corpus {corpus} is empty")
+    sep_text = separator if separator is not None else SEPARATORS.get(kind, ENDOFTEXT)
 
-    # Pass 1: count characters (the split is by characters) and, for char/word, learn the vocabulary.
-    n_chars, chars, words = 0, set(), set()
-    progress, task = _progress(total_bytes, "reading corpus")
+    # Pass 1: count documents and characters and, for char/word, learn the vocabulary.
+    n_docs, n_chars, chars, words = 0, 0, set(), set()
+    progress, task = _progress(total, unit, "reading corpus")
     with progress:
-        for text, nbytes in iter_text(files, separator):
+        for starts, text in corpus.pieces(lambda n: progress.advance(task, n)):
+            n_docs += starts
             n_chars += len(text)
             if kind == "char":
                 chars.update(text)
             elif kind == "word":
                 words.update(WordTokenizer.split(text))
-            progress.advance(task, nbytes)
+    if n_docs == 0:
+        raise DataError(f"the corpus {corpus} has no text (every document is empty)")
+    if n_docs > 1:
+        n_chars += (n_docs - 1) * len(sep_text)
+        chars.update(sep_text)
+        words.update(WordTokenizer.split(sep_text))
+
     if kind == "char":
-        tok = CharTokenizer(chars) if chars else None
+        tok = CharTokenizer(chars)
     elif kind == "word":
         tok = WordTokenizer(words)
-    else:
+    elif kind == "bpe":
         tok = BPETokenizer(tokenizer.get("encoding", "gpt2"))
-    if n_chars == 0 or tok is None or (kind == "word" and tok.vocab_size <= 2):
-        raise DataError(f"the corpus {corpus_root or files[0]} has no text")
+    if kind == "word" and tok.vocab_size <= 2:
+        raise DataError(f"the corpus {corpus} has no words")
+    plan_args = (n_docs, n_chars, val_fraction, split_seed)
+    if kind == "bpe_train":  # Pass 2: train the tokenizer on the training documents
+        plan = _Plan(*plan_args, separator=np.zeros(1, np.int64))
+        progress, task = _progress(total, unit, f"training BPE ({tokenizer.get('vocab_size')} tokens)")
+        with progress:
+            items = plan.items(corpus.pieces(lambda n: progress.advance(task, n)))
+            texts = (t for split, t in items if split == "train" and isinstance(t, str))
+            tok = TrainedBPETokenizer.train(texts, tokenizer.get("vocab_size"), tokenizer.get("special_tokens"))
     dtype = token_dtype(tok.vocab_size)
+    separator_item = np.array([tok.eot_id], dtype=dtype) if kind in ("bpe", "bpe_train") else sep_text
+    plan = _Plan(*plan_args, separator=separator_item)
 
-    # Pass 2: encode into a private temporary directory, then publish it.
-    split = _Split(split_at=int(n_chars * (1.0 - val_fraction)))
-    eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
-
-    def pieces():
-        for text, nbytes in iter_text(files, separator):
-            if kind == "bpe" and text is separator:  # one special token, not text to encode
-                yield split.pieces(text)[0][0], eot
-            else:
-                yield from split.pieces(text)
-            progress.advance(task, nbytes)
-
+    # Pass 3: encode into a private temporary directory, then publish it.
     workers = workers or min(8, os.cpu_count() or 1)
-    if total_bytes <= 2 * _corpus.CHUNK_CHARS:  # one chunk: nothing to overlap
-        workers = 1
-    progress, task = _progress(total_bytes, f"tokenizing ({tok_key})")
+    if unit == "bytes" and total <= 2 * _corpus.CHUNK_CHARS or kind == "bpe_train":
+        workers = 1  # one chunk: nothing to overlap; HF tokenizers parallelize inside Rust
+    progress, task = _progress(total, unit, f"tokenizing ({tok_key})")
     with CacheWriter(final, dtype) as writer, Encoder(corpus_encoder(tok, dtype), workers) as encoder, progress:
-        for name, ids in encoder.ordered(pieces()):
+        items = plan.items(corpus.pieces(lambda n: progress.advance(task, n)))
+        for name, ids in encoder.ordered(_batches(items, _corpus.CHUNK_CHARS)):
             writer.write(name, ids)
         if min(writer.counts.values()) == 0:
             raise DataError(
                 f"the corpus is too small to split: {writer.counts['train']} train and "
                 f"{writer.counts['val']} validation tokens; use more text or change data.val_fraction"
             )
-        corpus = {"sha256": sha, "files": len(files), "bytes": total_bytes, "chars": n_chars}
-        prepared = writer.publish(tok.state_dict(), tok.vocab_size, val_fraction, corpus, verify=verify)
+        info = {"sha256": sha, "files": len(corpus.files()), "bytes": total if unit == "bytes" else None,
+                "chars": n_chars, "documents": n_docs}
+        prepared = writer.publish(
+            tok.state_dict(), tok.vocab_size, val_fraction, info, verify=verify,
+            split={"by": "document" if plan.by_document else "text", "seed": split_seed,
+                   "documents": plan.documents},
+            settings=settings,
+        )
     log(
-        f"[gptlab] prepared {total_bytes / 1e6:.1f} MB -> {prepared.meta['tokens']['train']:,} train / "
-        f"{prepared.meta['tokens']['val']:,} val tokens ({tok_key}) in {time.perf_counter() - t0:.1f}s at {final}"
+        f"[gptlab] prepared {corpus} ({n_docs:,} documents, {n_chars / 1e6:.1f}M characters) -> "
+        f"{prepared.meta['tokens']['train']:,} train / {prepared.meta['tokens']['val']:,} val tokens "
+        f"({tok_key}, split by {prepared.meta['split']['by']}) in {time.perf_counter() - t0:.1f}s at {final}"
     )
     return load_prepared(final)

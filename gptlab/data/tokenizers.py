@@ -1,4 +1,5 @@
-"""Tokenizers: character-level, word-level (the book's, with <|unk|> and <|endoftext|>) and BPE (tiktoken).
+"""Tokenizers: character-level, word-level (the book's, with <|unk|> and <|endoftext|>), BPE (tiktoken)
+and byte-level BPE trained on the corpus (gptlab.data.trained_bpe).
 
 Each one round-trips through `state_dict()` / `tokenizer_from_state()`: a small dict of plain
 containers that travels in `meta.json` and in checkpoints, so a checkpoint alone can sample.
@@ -165,10 +166,10 @@ class BPETokenizer:
         return {"kind": self.kind, "encoding": self.encoding}
 
 
-TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+KINDS = ("bpe", "bpe_train", "char", "word")
 
 
-def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | WordTokenizer | BPETokenizer:
+def tokenizer_from_state(state: dict[str, Any]):
     """The tokenizer a `state_dict()` describes; ConfigError (naming what is wrong) for anything else."""
     if not isinstance(state, dict):
         raise ConfigError(f"a tokenizer state is a dict, not {type(state).__name__}")
@@ -188,4 +189,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | WordTokenizer
         if not isinstance(encoding, str):
             raise ConfigError(f"bpe tokenizer state: 'encoding' is {encoding!r}, not a name")
         return BPETokenizer(encoding)
-    raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZERS)}")
+    if kind == "bpe_train":
+        from gptlab.data.trained_bpe import TrainedBPETokenizer  # imports Hugging Face tokenizers
+
+        if not isinstance(state.get("json"), str):
+            raise ConfigError("bpe_train tokenizer state: 'json' is not a tokenizers JSON string")
+        return TrainedBPETokenizer(state["json"])
+    raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {list(KINDS)}")
