@@ -115,6 +115,17 @@ def test_formats_give_the_tokens_of_the_same_documents_as_text(tmp_path, referen
         assert got.meta["corpus"]["documents"] == len(DOCS) and got.meta["split"]["by"] == "document"
 
 
+def test_small_chunks_and_worker_processes_do_not_change_the_tokens(tmp_path, reference, monkeypatch):
+    """Documents cut into many pieces (the longest ones too) and batches encoded by forked workers."""
+    import gptlab.data.corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 300)
+    assert max(map(len, DOCS)) > 2 * 300
+    path = write_jsonl(tmp_path / "docs.jsonl")
+    for kind in ("bpe", "char"):
+        assert tokens(prepare(path, tmp_path / f"out-{kind}", kind, workers=3)) == tokens(reference[kind])
+
+
 def test_a_list_of_paths_is_one_corpus_in_that_order(tmp_path, reference):
     first = write_jsonl(tmp_path / "first.jsonl", DOCS[:150])
     rest = write_parquet(tmp_path / "rest.parquet", DOCS[150:])
@@ -322,3 +333,35 @@ def test_hub_dataset_unreachable_is_one_line(tmp_path):
     dm = TokenDataModule(hf_dataset="roneneldan/TinyStories", data_dir=str(tmp_path), tokenizer="bpe")
     with pytest.raises(DataError, match=r"could not reach the Hugging Face hub for data\.hf_dataset='roneneldan/"):
         dm.prepare_data()
+
+
+def test_a_list_of_paths_from_the_command_line(tmp_path):
+    import hydra
+
+    from inprocess import compose_config
+
+    a, b = write_jsonl(tmp_path / "a.jsonl", DOCS[:5]), write_parquet(tmp_path / "b.parquet", DOCS[5:10])
+    cfg = compose_config(["data=text", f"data.path=[{a},{b}]", f"paths.data_dir={tmp_path}"])
+    dm = hydra.utils.instantiate(cfg.data)
+    assert dm.paths == [a, b] and dm.tokenizer_spec == {"kind": "bpe", "encoding": "gpt2"}
+
+
+def test_a_trained_bpe_checkpoint_samples_with_nothing_else(tmp_path):
+    """train.py on JSONL with a trained BPE, then sample.py from the checkpoint alone."""
+    import shutil
+
+    import torch
+
+    from conftest import TINY
+    from inprocess import run_train, run_sample
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl")
+    overrides = ["data=text", f"data.path={corpus}", "data.tokenizer=bpe_train", "data.vocab_size=300",
+                 f"paths.data_dir={tmp_path / 'cache'}", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    run_train(overrides, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["hyper_parameters"]["tokenizer"]
+    assert state["kind"] == "bpe_train" and tokenizer_from_state(state).vocab_size == 300
+    shutil.rmtree(tmp_path / "cache")  # the prepared corpus (and its meta.json) is gone
+    texts = run_sample([f"ckpt_path={ckpt}", "prompt='ROMEO: é'", "num_samples=1", "max_new_tokens=5", "device=cpu"])
+    assert texts[0].startswith("ROMEO: é")

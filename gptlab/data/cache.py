@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Prepared:
 
     directory: Path
     meta: dict[str, Any]
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -54,7 +55,9 @@ class Prepared:
         return np.memmap(self.directory / f"{split}.bin", dtype=self.dtype, mode="r")
 
     def tokenizer(self):
-        return tokenizer_from_state(self.meta["tokenizer"])
+        if self._tokenizer is None:  # built once: a trained BPE parses its JSON
+            self._tokenizer = tokenizer_from_state(self.meta["tokenizer"])
+        return self._tokenizer
 
 
 def cache_dir(root: Path, corpus_sha256: str, tokenizer_key: str, val_fraction: float,
