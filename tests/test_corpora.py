@@ -365,3 +365,18 @@ def test_a_trained_bpe_checkpoint_samples_with_nothing_else(tmp_path):
     shutil.rmtree(tmp_path / "cache")  # the prepared corpus (and its meta.json) is gone
     texts = run_sample([f"ckpt_path={ckpt}", "prompt='ROMEO: é'", "num_samples=1", "max_new_tokens=5", "device=cpu"])
     assert texts[0].startswith("ROMEO: é")
+
+
+def test_streamed_datasets_are_read_a_batch_at_a_time():
+    """The reader of hub datasets (streamed: an IterableDataset), on a local one."""
+    import datasets
+
+    from gptlab.data.records import BATCH_ROWS, dataset_texts
+
+    docs = DOCS * 3
+    rows = []
+    stream = datasets.Dataset.from_dict({"text": docs, "n": list(range(len(docs)))}).to_iterable_dataset()
+    assert list(dataset_texts(stream, "text", "stream", rows.append)) == docs
+    assert sum(rows) == len(docs) and max(rows) == BATCH_ROWS
+    with pytest.raises(DataError, match=r"stream has no column 'body' \(its columns: \['text', 'n'\]\)"):
+        next(dataset_texts(stream, "body", "stream", rows.append))

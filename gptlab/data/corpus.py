@@ -19,10 +19,10 @@ from typing import Any
 from gptlab.data.records import (
     hub_revision,
     is_saved_dataset,
+    read_hub,
     read_jsonl,
     read_parquet,
     read_saved_dataset,
-    read_hub,
     record_format,
 )
 from gptlab.errors import ConfigError, DataError

@@ -39,6 +39,7 @@ from gptlab.errors import ConfigError, DataError
 
 __all__ = ["prepare_corpus", "corpus_files", "check_prepared", "load_prepared", "Prepared", "tokenizer_key"]
 SEPARATORS = {"char": "\n", "word": f" {ENDOFTEXT} "}  # the defaults; BPE kinds use the special token
+BPE_KINDS = ("bpe", "bpe_train")
 
 
 def tokenizer_key(spec: dict[str, Any]) -> str:
@@ -196,30 +197,29 @@ def prepare_corpus(
                 words.update(WordTokenizer.split(text))
     if n_docs == 0:
         raise DataError(f"the corpus {corpus} has no text (every document is empty)")
-    if n_docs > 1:
+    if n_docs > 1:  # the separators are text too
         n_chars += (n_docs - 1) * len(sep_text)
         chars.update(sep_text)
         words.update(WordTokenizer.split(sep_text))
+    plan_args = (n_docs, n_chars, val_fraction, split_seed)
 
     if kind == "char":
         tok = CharTokenizer(chars)
     elif kind == "word":
         tok = WordTokenizer(words)
+        if tok.vocab_size <= 2:
+            raise DataError(f"the corpus {corpus} has no words")
     elif kind == "bpe":
         tok = BPETokenizer(tokenizer.get("encoding", "gpt2"))
-    if kind == "word" and tok.vocab_size <= 2:
-        raise DataError(f"the corpus {corpus} has no words")
-    plan_args = (n_docs, n_chars, val_fraction, split_seed)
-    if kind == "bpe_train":  # Pass 2: train the tokenizer on the training documents
-        plan = _Plan(*plan_args, separator=np.zeros(1, np.int64))
+    else:  # Pass 2: train the tokenizer on the training documents
+        plan = _Plan(*plan_args, separator=np.zeros(1, np.int64))  # separators: not training text
         progress, task = _progress(total, unit, f"training BPE ({tokenizer.get('vocab_size')} tokens)")
         with progress:
             items = plan.items(corpus.pieces(lambda n: progress.advance(task, n)))
             texts = (t for split, t in items if split == "train" and isinstance(t, str))
             tok = TrainedBPETokenizer.train(texts, tokenizer.get("vocab_size"), tokenizer.get("special_tokens"))
     dtype = token_dtype(tok.vocab_size)
-    separator_item = np.array([tok.eot_id], dtype=dtype) if kind in ("bpe", "bpe_train") else sep_text
-    plan = _Plan(*plan_args, separator=separator_item)
+    plan = _Plan(*plan_args, separator=np.array([tok.eot_id], dtype=dtype) if kind in BPE_KINDS else sep_text)
 
     # Pass 3: encode into a private temporary directory, then publish it.
     workers = workers or min(8, os.cpu_count() or 1)

@@ -129,6 +129,25 @@ def read_parquet(path: Path, field: str, advance: Advance) -> Iterator[str]:
 
 
 # -- Hugging Face datasets ------------------------------------------------------------------------
+def dataset_texts(ds, field: str, where: str, advance_rows: Advance) -> Iterator[str]:
+    """The texts of column `field` of a `datasets` Dataset or IterableDataset, a batch at a time;
+    `advance_rows(n)` after each batch of n rows."""
+    columns = ds.column_names  # None for a streamed dataset whose features the hub does not give
+    if columns is not None:
+        if field not in columns:
+            raise DataError(f"{where} has no column {field!r} (its columns: {columns}); set data.text_field")
+        ds = ds.select_columns([field])
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        if field not in batch:
+            raise DataError(f"{where} has no column {field!r} (its columns: {sorted(batch)}); set data.text_field")
+        texts = batch[field]
+        for text in texts:
+            text = _text(text, where, field)
+            if text:
+                yield text
+        advance_rows(len(texts))
+
+
 def read_saved_dataset(path: Path, field: str, split: str, advance: Advance) -> Iterator[str]:
     import datasets
 
@@ -141,17 +160,9 @@ def read_saved_dataset(path: Path, field: str, split: str, advance: Advance) -> 
             raise DataError(f"{path} has no split {split!r} (its splits: {sorted(ds)}); set data.hf_split")
         ds = ds[split]
     where = f"{path}" + (f" split {split!r}" if (path / "dataset_dict.json").is_file() else "")
-    if field not in ds.column_names:
-        raise DataError(f"{where} has no column {field!r} (its columns: {ds.column_names}); set data.text_field")
-    size = sum(Path(f["filename"]).stat().st_size for f in ds.cache_files)
+    size = sum(Path(f["filename"]).stat().st_size for f in ds.cache_files)  # the Arrow files, mapped
     rows = max(1, len(ds))
-    for batch in ds.select_columns([field]).iter(batch_size=BATCH_ROWS):
-        texts = batch[field]
-        for text in texts:
-            text = _text(text, where, field)
-            if text:
-                yield text
-        advance(size * len(texts) // rows)
+    yield from dataset_texts(ds, field, where, lambda n: advance(size * n // rows))
 
 
 def hub_revision(name: str) -> str:
@@ -178,18 +189,4 @@ def read_hub(name: str, config: str | None, split: str, revision: str, field: st
         raise DataError(
             f"could not open data.hf_dataset={name!r} split {split!r} ({type(e).__name__}: {e})"
         ) from None
-    where = f"hub dataset {name!r} split {split!r}"
-    columns = ds.column_names  # None where the hub does not say
-    if columns is not None:
-        if field not in columns:
-            raise DataError(f"{where} has no column {field!r} (its columns: {columns}); set data.text_field")
-        ds = ds.select_columns([field])
-    for batch in ds.iter(batch_size=BATCH_ROWS):
-        if field not in batch:
-            raise DataError(f"{where} has no column {field!r} (its columns: {sorted(batch)}); set data.text_field")
-        texts = batch[field]
-        for text in texts:
-            text = _text(text, where, field)
-            if text:
-                yield text
-        advance(len(texts))
+    yield from dataset_texts(ds, field, f"hub dataset {name!r} split {split!r}", advance)
