@@ -279,7 +279,7 @@ def test_disk_full_during_download_keeps_nothing(http_server, tmp_path):
         assert list(dest.parent.iterdir()) == []
 
 
-def test_read_only_data_dir(http_server, tmp_path):
+def test_read_only_data_dir(http_server, tmp_path, monkeypatch):
     root, base = http_server
     (root / "input.txt").write_bytes(b"to be or not to be\n" * 200)
     small = tmp_path / "small.txt"
@@ -292,9 +292,10 @@ def test_read_only_data_dir(http_server, tmp_path):
         again = TokenDataModule(path=str(small), data_dir=str(ro), tokenizer="char", block_size=16)
         again.prepare_data()
         assert again.prepared.directory == ready.prepared.directory
-        # what needs writing says so, in one line naming the path
-        for dm in (TokenDataModule(path=str(small), data_dir=str(ro), tokenizer="word", block_size=16),
-                   TokenDataModule(url=f"{base}/input.txt", sha256=None, data_dir=str(ro))):
+        # what needs writing says so, in one line naming the path (chosen by $GPTLAB_DATA_DIR here)
+        monkeypatch.setenv("GPTLAB_DATA_DIR", str(ro))
+        for dm in (TokenDataModule(path=str(small), tokenizer="word", block_size=16),
+                   TokenDataModule(url=f"{base}/input.txt", sha256=None)):
             with pytest.raises(FilesystemError, match=f"cannot .*{ro}.*read-only.*data.data_dir"):
                 dm.prepare_data()
         assert leftovers(ro) == []
