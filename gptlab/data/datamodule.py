@@ -1,4 +1,5 @@
-"""One LightningDataModule for char, word and BPE corpora: the tokenizer is a config value."""
+"""One LightningDataModule for every corpus (text, JSONL, Parquet, datasets) and tokenizer (char,
+word, BPE, a BPE trained on the corpus): both are config values."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from gptlab.data.corpus import Corpus
 from gptlab.data.datasets import FixedWindows, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
-from gptlab.data.corpus import Corpus
 from gptlab.data.prepare import Prepared, prepare_corpus
 from gptlab.data.tokenizers import ENDOFTEXT, KINDS
 from gptlab.data.trained_bpe import check_bpe_training
@@ -146,7 +147,8 @@ class TokenDataModule(L.LightningDataModule):
         if tokenizer == "bpe":
             self.tokenizer_spec["encoding"] = encoding
         elif tokenizer == "bpe_train":
-            self.tokenizer_spec.update(vocab_size=vocab_size, special_tokens=special_tokens or [ENDOFTEXT])
+            specials = check_bpe_training(vocab_size, special_tokens)  # <|endoftext|> first
+            self.tokenizer_spec.update(vocab_size=vocab_size, special_tokens=specials)
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
