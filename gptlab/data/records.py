@@ -3,7 +3,8 @@ Face datasets (saved with `save_to_disk`, or streamed from the hub).
 
 Every reader streams (a line, a record batch at a time), yields each record's text field as one
 document, skips empty ones, and turns bad input into one DataError line that says where it is.
-`advance(n)` is told how many bytes of the source were consumed, for a progress bar.
+`advance(n)` is told how many bytes of the source were consumed (documents, for a hub dataset),
+for a progress bar.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ BATCH_ROWS = 1024  # records per Parquet / Arrow batch
 
 
 def record_format(path: Path) -> str | None:
-    """"jsonl" or "parquet" for a file this module reads, else None."""
+    """The format of a file this module reads ("jsonl" or "parquet"), else None."""
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
