@@ -1,5 +1,9 @@
+import contextlib
 import functools
 import http.server
+import json
+import os
+import subprocess
 import threading
 
 import numpy as np
@@ -8,11 +12,15 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader
 
+import gptlab.data.corpus as corpus_mod
 import gptlab.data.prepare as prep
+from gptlab.data.corpus import Corpus
 from gptlab.data import TokenDataModule
 from gptlab.data.datasets import FixedWindows, TrainBatches
-from gptlab.data.download import TINY_SHAKESPEARE_SHA256, download, sha256_file
-from gptlab.errors import DataError
+from gptlab.data.download import TINY_SHAKESPEARE_SHA256, download
+from gptlab.data.cache import CacheWriter, check_prepared
+from gptlab.errors import ConfigError, DataError
+from gptlab.files import FilesystemError, sha256_file, temp_name
 
 from conftest import SHAKESPEARE
 
@@ -51,14 +59,13 @@ def test_prepare_known_figures_and_cache_reuse(tmp_path, tokenizer, train, val, 
 
 def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
     """Cut the corpus into many small chunks: the token files must equal whole-text encoding."""
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 4096)
-    monkeypatch.setattr(prep, "READ_BYTES", 1000)
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 4096)
+    monkeypatch.setattr(corpus_mod, "READ_BYTES", 1000)
     corpus = tmp_path / "docs"
     corpus.mkdir()
     (corpus / "a.txt").write_text(TEXT[:150_000], encoding="utf-8")
     (corpus / "b.txt").write_text("  x\n\n\n  " + TEXT[150_000:200_000] + "ünïcödé  ", encoding="utf-8")
-    files = prep.corpus_files(corpus)
-    p = prep.prepare_corpus(files, {"kind": "bpe", "encoding": "gpt2"}, tmp_path / "out", corpus_root=corpus,
+    p = prep.prepare_corpus(Corpus(corpus), {"kind": "bpe", "encoding": "gpt2"}, tmp_path / "out",
                             workers=2, log=lambda *a: None)
     enc = tiktoken.get_encoding("gpt2")
     full = (corpus / "a.txt").read_text() + "<|endoftext|>" + (corpus / "b.txt").read_text()
@@ -73,7 +80,7 @@ def test_streaming_chunks_do_not_change_bpe_tokens(tmp_path, monkeypatch):
 @pytest.mark.parametrize("tokenizer", ["char", "word", "bpe"])
 def test_worker_processes_write_the_same_tokens_as_one_process(tmp_path, monkeypatch, tokenizer):
     """Chunks encoded by forked worker processes come back in order: the token files are identical."""
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 20_000)  # ~15 chunks, some of them straddle the split
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 20_000)  # ~15 chunks, some of them straddle the split
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT[:300_000], encoding="utf-8")
     spec = {"kind": tokenizer, "encoding": "gpt2"}
@@ -220,3 +227,216 @@ def test_validation_windows_fixed():
     assert v.offsets[0] == 0 and v.offsets[-1] == 1000 - 17
     x, y = v[3]
     assert x.shape == (16,) and torch.equal(x[1:], y[:-1])
+
+
+# -- reliability: full and read-only disks, killed preparations, damaged metadata, bad settings ----
+SMALL = TEXT[:40_000]
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="1m"):
+    """A small tmpfs at `path` (we run as root in the test container); skip where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_read_only(path):
+    r = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount {path} read-only: {r.stderr.strip()}")
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.rglob("*") if p.name.startswith("."))
+
+
+def test_disk_full_during_preparation_is_one_line_and_leaves_nothing(tmp_path):
+    with tmpfs(tmp_path / "small") as small:  # 1 MB: the char tokens of tiny Shakespeare need 2.2 MB
+        dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=str(small), tokenizer="char")
+        with pytest.raises(FilesystemError) as e:
+            dm.prepare_data()
+        message = str(e.value)
+        assert "\n" not in message and "no space left" in message and str(small / "prepared") in message
+        assert "data.data_dir" in message
+        assert list((small / "prepared").iterdir()) == []  # no cache, no temporary directory
+
+
+def test_disk_full_during_download_keeps_nothing(http_server, tmp_path):
+    root, base = http_server
+    (root / "input.txt").write_bytes(SHAKESPEARE.read_bytes())  # 1.1 MB into a 1 MB disk
+    with tmpfs(tmp_path / "small") as small:
+        dest = small / "corpora" / "tinyshakespeare.txt"
+        with pytest.raises(FilesystemError, match="no space left") as e:
+            download(f"{base}/input.txt", dest, TINY_SHAKESPEARE_SHA256)
+        assert str(dest) in str(e.value)
+        assert list(dest.parent.iterdir()) == []
+
+
+def test_read_only_data_dir(http_server, tmp_path, monkeypatch):
+    root, base = http_server
+    (root / "input.txt").write_bytes(b"to be or not to be\n" * 200)
+    small = tmp_path / "small.txt"
+    small.write_text(SMALL)
+    with tmpfs(tmp_path / "ro", size="8m") as ro:
+        # a cache prepared earlier stays usable once the directory is read-only
+        ready = TokenDataModule(path=str(small), data_dir=str(ro), tokenizer="char", block_size=16)
+        ready.prepare_data()
+        remount_read_only(ro)
+        again = TokenDataModule(path=str(small), data_dir=str(ro), tokenizer="char", block_size=16)
+        again.prepare_data()
+        assert again.prepared.directory == ready.prepared.directory
+        # what needs writing says so, in one line naming the path (chosen by $GPTLAB_DATA_DIR here)
+        monkeypatch.setenv("GPTLAB_DATA_DIR", str(ro))
+        for dm in (TokenDataModule(path=str(small), tokenizer="word", block_size=16),
+                   TokenDataModule(url=f"{base}/input.txt", sha256=None)):
+            with pytest.raises(FilesystemError, match=f"cannot .*{ro}.*read-only.*data.data_dir"):
+                dm.prepare_data()
+        assert leftovers(ro) == []
+
+
+def _fork(child) -> int:
+    """Run `child()` in a forked process (it must not return); the child's pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def test_leftovers_of_killed_preparations_are_removed_but_live_ones_kept(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(SMALL)
+    prepared = tmp_path / "cache" / "prepared"
+    prepared.mkdir(parents=True)
+    # a preparation that died (as under SIGKILL) after creating its temporary directory and a file
+    dead = _fork(lambda: (temp_name(prepared / "abc-char-val0.1", directory=True).mkdir(),
+                          temp_name(prepared / "x.json").write_text("{")))
+    os.waitpid(dead, 0)
+    stale = sorted(p.name for p in prepared.iterdir())
+    assert len(stale) == 2 and all(f"-{dead}-" in name for name in stale)
+    # a live preparation of another corpus, halfway through writing its tokens
+    go, ready = os.pipe(), os.pipe()
+
+    def live_preparation():
+        with CacheWriter(prepared / "other-char-val0.1", np.uint16) as w:
+            w.write("train", np.arange(100))
+            os.write(ready[1], b"1")
+            os.read(go[0], 1)  # wait while the parent prepares
+            w.write("val", np.arange(10))
+            w.publish({"kind": "char", "chars": "".join(chr(65 + i) for i in range(100))}, 100, 0.1, {},
+                      split={"by": "text", "seed": 0, "documents": {"train": 1, "val": 1}}, settings={})
+
+    live = _fork(live_preparation)
+    os.read(ready[0], 1)
+    dm = TokenDataModule(path=str(corpus), data_dir=str(tmp_path / "cache"), tokenizer="char", block_size=16)
+    dm.prepare_data()
+    names = sorted(p.name for p in prepared.iterdir())
+    assert not set(stale) & set(names)  # the dead process's debris is gone
+    assert any(f"-{live}-" in n for n in names)  # the live one's temporary directory is untouched
+    os.write(go[1], b"1")
+    _, status = os.waitpid(live, 0)
+    assert status == 0
+    assert check_prepared(prepared / "other-char-val0.1") is None  # and it finished
+    assert sorted(p.name for p in prepared.iterdir()) == sorted([dm.prepared.directory.name, "other-char-val0.1"])
+
+
+def test_download_removes_a_killed_download(http_server, tmp_path):
+    root, base = http_server
+    (root / "input.txt").write_bytes(SHAKESPEARE.read_bytes())
+    dest = tmp_path / "corpora" / "tinyshakespeare.txt"
+    dest.parent.mkdir()
+    dead = _fork(lambda: temp_name(dest).write_bytes(b"half a download"))
+    os.waitpid(dead, 0)
+    assert len(list(dest.parent.iterdir())) == 1
+    download(f"{base}/input.txt", dest, TINY_SHAKESPEARE_SHA256)
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
+def _shorter_chars(meta):  # a vocabulary too short for the ids in the files, vocab_size agreeing with it
+    meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:-5]
+    meta["vocab_size"] -= 5
+
+
+DAMAGE = {
+    "not an object": lambda meta: [meta],
+    "key missing": lambda meta: meta.pop("tokens") and meta,
+    "tokenizer key missing": lambda meta: meta["tokenizer"].pop("chars") and meta,
+    "wrong type": lambda meta: meta.update(tokens={"train": "many", "val": 3}) or meta,
+    "dtype": lambda meta: meta.update(dtype="float64") or meta,
+    "chars shorter than the ids": lambda meta: _shorter_chars(meta) or meta,
+    "vocab_size differs": lambda meta: meta.update(vocab_size=meta["vocab_size"] + 1) or meta,
+    "unknown tokenizer": lambda meta: meta.update(tokenizer={"kind": "nope"}) or meta,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_wrong_meta_json_is_reported_damaged_and_rebuilt(tmp_path, damage):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(SMALL)
+    files = prep.corpus_files(corpus)
+    first = prep.prepare_corpus(files, {"kind": "char"}, tmp_path / "out", log=lambda *a: None)
+    good = first.meta
+    meta_path = first.directory / "meta.json"
+    meta_path.write_text(json.dumps(DAMAGE[damage](json.loads(meta_path.read_text()))))
+    problem = check_prepared(first.directory)
+    assert problem is not None and "\n" not in problem
+    messages = []
+    again = prep.prepare_corpus(files, {"kind": "char"}, tmp_path / "out", log=messages.append)
+    assert any("damaged" in m for m in messages), messages
+    assert again.meta == good and check_prepared(again.directory) is None
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [first.directory.name]
+
+
+def test_byte_order_mark_is_not_a_character(tmp_path):
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(SMALL, encoding="utf-8")
+    marked.write_text(SMALL, encoding="utf-8-sig")
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    a = prep.prepare_corpus([plain], {"kind": "char"}, tmp_path / "out", log=lambda *a: None)
+    b = prep.prepare_corpus([marked], {"kind": "char"}, tmp_path / "out", log=lambda *a: None)
+    assert "\ufeff" not in b.meta["tokenizer"]["chars"] and b.meta["tokenizer"] == a.meta["tokenizer"]
+    assert b.meta["sha256"] == a.meta["sha256"]  # the same tokens
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"val_fraction": "0.1"}, "data.val_fraction='0.1'"),
+    ({"val_fraction": 1.0}, "data.val_fraction=1.0"),
+    ({"val_fraction": 0}, "data.val_fraction=0"),
+    ({"sampler": "sliding", "stride": 0}, "data.stride=0"),
+    ({"sampler": "sliding", "stride": -4}, "data.stride=-4"),
+    ({"sampler": "shuffled"}, "data.sampler='shuffled'"),
+    ({"num_workers": -1}, "data.num_workers=-1"),
+    ({"prepare_workers": 0}, "data.prepare_workers=0"),
+    ({"batch_size": 0}, "data.batch_size=0"),
+    ({"val_windows": 2.5}, "data.val_windows=2.5"),
+    ({"block_size": 0}, "model.block_size=0"),
+    ({"tokenizer": "bytes"}, "data.tokenizer='bytes'"),
+    ({"verify": "yes"}, "data.verify='yes'"),
+])
+def test_datamodule_rejects_bad_settings_naming_the_key(settings, message):
+    with pytest.raises(ConfigError) as e:
+        TokenDataModule(**settings)
+    assert str(e.value).startswith(message)
+
+
+def test_model_block_size_zero_is_reported_as_the_model_setting(tmp_path):
+    import hydra
+
+    from inprocess import compose_config
+
+    cfg = compose_config([f"data.path={SHAKESPEARE}", "model.block_size=0", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(Exception) as e:  # Hydra wraps what the constructor raised; train.py unwraps it
+        hydra.utils.instantiate(cfg.data)
+    cause = e.value if isinstance(e.value, ConfigError) else e.value.__cause__
+    assert isinstance(cause, ConfigError) and str(cause) == "model.block_size=0: must be a positive integer"

@@ -14,7 +14,7 @@ TEXT = SHAKESPEARE.read_text(encoding="utf-8")
 
 
 def test_char_tokenizer_on_tiny_shakespeare():
-    tok = CharTokenizer.fit([TEXT])
+    tok = CharTokenizer(TEXT)
     assert tok.vocab_size == 65
     assert tok.encode("hii there") == [46, 47, 47, 1, 58, 46, 43, 56, 43]
     assert tok.decode(tok.encode("hii there")) == "hii there"
@@ -25,7 +25,8 @@ def test_char_tokenizer_on_tiny_shakespeare():
 
 
 def test_word_tokenizer_like_the_book():
-    tok = WordTokenizer.fit(['"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'])
+    sentence = '"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'
+    tok = WordTokenizer(WordTokenizer.split(sentence))
     words = tok.itos
     assert words[-2:] == ["<|endoftext|>", "<|unk|>"]
     assert words[:-2] == sorted(words[:-2])
@@ -65,3 +66,27 @@ def test_unknown_tokenizer_and_encoding():
         tokenizer_from_state({"kind": "nope"})
     with pytest.raises(ConfigError, match="not_an_encoding"):
         BPETokenizer("not_an_encoding")
+
+
+def test_token_bytes_count_the_utf8_text_of_each_token():
+    import numpy as np
+
+    text = "Héllo, wörld — naïve café. <|endoftext|> Ünïcode ✓"
+    char = CharTokenizer(text)
+    sizes = char.token_bytes()
+    assert sizes.dtype.kind == "i" and len(sizes) == char.vocab_size
+    assert sizes[char.encode(text)].sum() == len(text.encode())
+
+    bpe = BPETokenizer("gpt2")
+    sizes = bpe.token_bytes()
+    assert len(sizes) == bpe.vocab_size and sizes[bpe.eot_id] == 0
+    ids = bpe.encode(text)  # <|endoftext|> is one special token here: no text
+    assert sizes[ids].sum() == len(text.replace("<|endoftext|>", "").encode())
+
+    words = "It's the last he painted, you know, Mrs. Gisburn said."
+    word = WordTokenizer(WordTokenizer.split(words))
+    sizes = word.token_bytes()
+    ids = word.encode(words)
+    # the decoded text and its bytes, plus one for the first word's (absent) leading space
+    assert sizes[ids].sum() == len(word.decode(ids).encode()) + 1
+    assert sizes[word.eot_id] == 0 and sizes[word.stoi[","]] == 1 and sizes[word.stoi["painted"]] == 8

@@ -1,48 +1,121 @@
-"""One LightningDataModule for char, word and BPE corpora: the tokenizer is a config value."""
+"""One LightningDataModule for every corpus (text, JSONL, Parquet, datasets) and tokenizer (char,
+word, BPE, a BPE trained on the corpus): both are config values."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from gptlab.data.corpus import Corpus
 from gptlab.data.datasets import FixedWindows, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
-from gptlab.data.prepare import Prepared, corpus_files, prepare_corpus
+from gptlab.data.prepare import Prepared, prepare_corpus
+from gptlab.data.tokenizers import ENDOFTEXT, KINDS
+from gptlab.data.trained_bpe import check_bpe_training
 from gptlab.errors import ConfigError, DataError
+from gptlab.files import FilesystemError
+
+# The settings that data.block_size mirrors: the model's context is chosen in the model group.
+_KEY = {"block_size": "model.block_size"}
+
+
+def _check_settings(s: dict[str, Any]) -> None:
+    """ConfigError naming the key for a value the data module cannot use."""
+
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{_KEY.get(name, 'data.' + name)}={s[name]!r}: {why}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if s["tokenizer"] not in KINDS:
+        raise bad("tokenizer", f"unknown; choose one of {list(KINDS)}")
+    if s["tokenizer"] == "bpe_train":
+        check_bpe_training(s["vocab_size"], s["special_tokens"])
+    for name in ("text_field", "hf_split"):
+        if not isinstance(s[name], str) or not s[name]:
+            raise bad(name, "must be a column name")
+    for name in ("hf_dataset", "hf_config", "separator"):
+        if s[name] is not None and not isinstance(s[name], str):
+            raise bad(name, "must be a string (or null)")
+    if s["separator"] is not None and s["tokenizer"] not in ("char", "word"):
+        raise bad("separator", f"applies to the char and word tokenizers; BPE separates documents by {ENDOFTEXT}")
+    if s["path"] is not None and not s["path"]:
+        raise bad("path", "an empty list; name at least one file or directory")
+    if not isinstance(s["encoding"], str) or not s["encoding"]:
+        raise bad("encoding", "must be the name of a tiktoken encoding, e.g. gpt2")
+    if s["sampler"] not in ("random", "sliding"):
+        raise bad("sampler", "unknown; choose 'random' or 'sliding'")
+    for name in ("block_size", "batch_size", "val_windows"):
+        if not is_int(s[name]) or s[name] < 1:
+            raise bad(name, "must be a positive integer")
+    vf = s["val_fraction"]
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0.0 < vf < 1.0:
+        raise bad("val_fraction", "must be a number between 0 and 1 (exclusive)")
+    if s["stride"] is not None and (not is_int(s["stride"]) or s["stride"] < 1):
+        raise bad("stride", "must be a positive integer (or null: one block_size)")
+    for name in ("seed", "split_seed"):
+        if not is_int(s[name]):
+            raise bad(name, "must be an integer")
+    if not is_int(s["num_workers"]) or s["num_workers"] < 0:
+        raise bad("num_workers", "must be an integer >= 0 (0: load batches in the training process)")
+    if s["prepare_workers"] is not None and (not is_int(s["prepare_workers"]) or s["prepare_workers"] < 1):
+        raise bad("prepare_workers", "must be an integer >= 1 (or null: one per CPU, at most 8)")
+    for name in ("verify", "pin_memory"):
+        if not isinstance(s[name], bool):
+            raise bad(name, "must be true or false")
 
 
 class TokenDataModule(L.LightningDataModule):
     """Random (or sliding) training windows and a fixed validation set over a prepared corpus.
 
     Args:
-        path: a UTF-8 text file or a directory of `*.txt` files; None downloads `url`.
+        path: a corpus file (.txt: one document; .jsonl, .jsonl.gz, .jsonl.zst, .parquet: one
+            document per record), a directory of them (sorted order), a dataset saved with
+            `datasets` save_to_disk, or a list of these; None (and no hf_dataset) downloads `url`.
         url, sha256: where the default corpus comes from and its checksum (tiny Shakespeare).
         data_dir: cache for downloads and prepared token files (None: $GPTLAB_DATA_DIR or ~/.cache/gptlab).
-        tokenizer: "char", "word" or "bpe"; encoding: the tiktoken encoding for "bpe".
+        text_field: the record field / column that holds the text.
+        hf_dataset, hf_config, hf_split: a Hugging Face hub dataset, streamed (hf_split also picks the
+            split of a saved DatasetDict).
+        tokenizer: "char", "word", "bpe" (tiktoken `encoding`) or "bpe_train" (a byte-level BPE of
+            `vocab_size` tokens with `special_tokens`, trained on the training split).
+        separator: the text between documents for char/word (default: a newline / <|endoftext|>).
         block_size: tokens per window (the model's context).
         batch_size: windows per batch on each device.
-        val_fraction: share of the characters held out for validation (the end of the text).
+        val_fraction: share held out for validation: of the documents (drawn with `split_seed`), or
+            of the characters (the end of the text) for a single document.
         val_windows: number of fixed validation windows (spread evenly over the validation split).
         sampler: "random" windows or "sliding" windows with `stride`.
         seed: seeds the training windows (with the rank and the batch index).
         num_workers: dataloader worker processes.
+        prepare_workers: processes encoding the corpus (None: one per CPU, at most 8).
         verify: check the checksums of a cached preparation before using it.
     """
 
     def __init__(
         self,
-        path: str | None = None,
+        path: str | list[str] | None = None,
         url: str | None = TINY_SHAKESPEARE_URL,
         sha256: str | None = TINY_SHAKESPEARE_SHA256,
         data_dir: str | None = None,
+        text_field: str = "text",
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        hf_split: str = "train",
         tokenizer: str = "char",
         encoding: str = "gpt2",
+        vocab_size: int = 8192,
+        special_tokens: list[str] | None = None,
+        separator: str | None = None,
         block_size: int = 64,
         batch_size: int = 12,
         val_fraction: float = 0.1,
+        split_seed: int = 0,
         val_windows: int = 240,
         sampler: str = "random",
         stride: int | None = None,
@@ -53,21 +126,29 @@ class TokenDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ):
         super().__init__()
-        if tokenizer not in ("char", "word", "bpe"):
-            raise ConfigError(f"data.tokenizer={tokenizer!r} is unknown; choose one of ['bpe', 'char', 'word']")
-        if sampler not in ("random", "sliding"):
-            raise ConfigError(f"data.sampler={sampler!r} is unknown; choose 'random' or 'sliding'")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"data.{name}={value!r}: must be a positive integer")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            path = [str(p) for p in path]  # a list (Hydra passes a ListConfig)
+        if special_tokens is not None and not isinstance(special_tokens, str):
+            special_tokens = [str(t) for t in special_tokens]
+        _check_settings(locals())
         # Resolve paths now, against the directory the user launched from (Hydra does not chdir).
-        self.path = Path(path).expanduser().resolve() if path else None
+        paths = [path] if isinstance(path, (str, os.PathLike)) else path or []
+        self.paths = [Path(p).expanduser().resolve() for p in paths]
+        self.text_field = text_field
+        self.hf_dataset = hf_dataset
+        self.hf_config = hf_config
+        self.hf_split = hf_split
+        self.separator = separator
+        self.split_seed = split_seed
         self.url = url
         self.sha256 = sha256
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
         self.tokenizer_spec: dict[str, Any] = {"kind": tokenizer}
         if tokenizer == "bpe":
             self.tokenizer_spec["encoding"] = encoding
+        elif tokenizer == "bpe_train":
+            specials = check_bpe_training(vocab_size, special_tokens)  # <|endoftext|> first
+            self.tokenizer_spec.update(vocab_size=vocab_size, special_tokens=specials)
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -83,29 +164,34 @@ class TokenDataModule(L.LightningDataModule):
         self.next_train_batch = 0  # index of the next training batch: the sampler's whole state
 
     # -- preparation ------------------------------------------------------------------------------
-    def corpus(self) -> tuple[list[Path], Path]:
-        if self.path is not None:
-            return corpus_files(self.path), self.path
+    def corpus(self) -> Corpus:
+        if self.paths or self.hf_dataset:
+            return Corpus(self.paths, text_field=self.text_field, hf_split=self.hf_split,
+                          hf_dataset=self.hf_dataset, hf_config=self.hf_config)
         if not self.url:
-            raise ConfigError("no corpus: set data.path to a text file or directory, or data.url")
+            raise ConfigError("no corpus: set data.path (a file, a directory or a list), data.hf_dataset or data.url")
         name = Path(self.url.split("?")[0]).name or "corpus.txt"
         if name == "input.txt" and self.sha256 == TINY_SHAKESPEARE_SHA256:
             name = "tinyshakespeare.txt"
-        dest = download(self.url, self.data_dir / "corpora" / name, self.sha256)
-        return [dest], dest
+        return Corpus([download(self.url, self.data_dir / "corpora" / name, self.sha256)])
 
     def prepare_data(self) -> None:
         if self.prepared is None:
-            files, root = self.corpus()
-            self.prepared = prepare_corpus(
-                files,
-                self.tokenizer_spec,
-                self.data_dir / "prepared",
-                val_fraction=self.val_fraction,
-                workers=self.prepare_workers,
-                verify=self.verify,
-                corpus_root=root,
-            )
+            try:
+                self.prepared = prepare_corpus(
+                    self.corpus(),
+                    self.tokenizer_spec,
+                    self.data_dir / "prepared",
+                    val_fraction=self.val_fraction,
+                    workers=self.prepare_workers,
+                    verify=self.verify,
+                    separator=self.separator,
+                    split_seed=self.split_seed,
+                )
+            except FilesystemError as e:
+                if str(self.data_dir) not in str(e):
+                    raise
+                raise FilesystemError(f"{e} (data.data_dir, default $GPTLAB_DATA_DIR, chooses it)") from None
             for split, name in (("train", "training"), ("val", "validation")):
                 n = self.prepared.meta["tokens"][split]
                 if n <= self.block_size:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from gptlab.errors import DataError
+from gptlab.files import atomic_write, fs_error, remove_stale, sha256_file
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -22,49 +22,52 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("GPTLAB_DATA_DIR") or Path.home() / ".cache" / "gptlab").expanduser()
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
     """Fetch `url` to `dest` unless a verified copy is there already.
 
-    The bytes go to a temporary file beside `dest` and are renamed into place only after the
-    checksum matched, so an interrupted or corrupted download never leaves a file that looks good.
+    The bytes go to a temporary file beside `dest` (gptlab.files.atomic_write) and are renamed into
+    place only after the checksum matched, so an interrupted or corrupted download never leaves a file
+    that looks good; the temporaries of killed downloads are removed by the next one.
     """
     dest = Path(dest)
     if dest.exists():
         if sha256 is None or sha256_file(dest) == sha256:
             return dest
-        dest.unlink()  # a stale or damaged copy: fetch it again
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                while chunk := response.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
+            dest.unlink()  # a stale or damaged copy: fetch it again
+        except OSError as e:
+            raise fs_error(e, dest, "replace") from None
+    remove_stale(dest.parent)
+    h = hashlib.sha256()
+    with atomic_write(dest, "wb", what="save the download to") as out:
+        # Network faults are DataErrors raised here; a fault writing `out` (disk full, read-only) is
+        # an OSError that atomic_write reports as a FilesystemError naming `dest`.
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise DataError(
-                f"could not download {url} ({reason}). If this machine is offline, put the text file "
-                f"somewhere and pass data.path=/path/to/file.txt, or place it at {dest} "
-                f"(the cache directory is $GPTLAB_DATA_DIR, now {default_data_dir()})"
-            ) from None
+            raise _unreachable(url, e, dest) from None
+        with response:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (OSError, ValueError) as e:
+                    raise _unreachable(url, e, dest) from None
+                if not chunk:
+                    break
+                h.update(chunk)
+                out.write(chunk)
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256:
             raise DataError(
-                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-                f"the file was not saved"
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; the file was not saved"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
+
+
+def _unreachable(url: str, e: Exception, dest: Path) -> DataError:
+    reason = getattr(e, "reason", e)
+    return DataError(
+        f"could not download {url} ({reason}). If this machine is offline, put the text file "
+        f"somewhere and pass data.path=/path/to/file.txt, or place it at {dest} "
+        f"(the cache directory is $GPTLAB_DATA_DIR, now {default_data_dir()})"
+    )

@@ -1,35 +1,27 @@
-"""Tokenizers: character-level, word-level (the book's, with <|unk|> and <|endoftext|>) and BPE (tiktoken).
+"""Tokenizers: character-level, word-level (the book's, with <|unk|> and <|endoftext|>), BPE (tiktoken)
+and byte-level BPE trained on the corpus (gptlab.data.trained_bpe).
 
 Each one round-trips through `state_dict()` / `tokenizer_from_state()`: a small dict of plain
 containers that travels in `meta.json` and in checkpoints, so a checkpoint alone can sample.
+
+`token_bytes()` gives, for every token id, the number of UTF-8 bytes of text it stands for, so that
+a loss in nats per token converts to bits per byte, a figure comparable across tokenizers:
+bpb = sum(loss) / ln 2 / sum(token_bytes[targets]). Special tokens (<|endoftext|>, ...) stand for
+no text and count 0 bytes: leave targets with 0 bytes out of both sums.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
+
+import numpy as np
 
 from gptlab.errors import ConfigError, GptlabError
 
 ENDOFTEXT = "<|endoftext|>"
 UNK = "<|unk|>"
-
-
-class Tokenizer(Protocol):
-    kind: str
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eot_id(self) -> int | None: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
 
 
 class UnknownCharacterError(GptlabError):
@@ -46,13 +38,6 @@ class CharTokenizer:
         if not self.chars:
             raise ConfigError("a char tokenizer needs at least one character")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-
-    @classmethod
-    def fit(cls, texts: Iterable[str]) -> CharTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(text)
-        return cls(seen)
 
     @property
     def vocab_size(self) -> int:
@@ -74,6 +59,10 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 length of each character."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": "".join(self.chars)}
@@ -97,13 +86,6 @@ class WordTokenizer:
     def split(cls, text: str) -> list[str]:
         return [piece.strip() for piece in cls.SPLIT.split(text) if piece.strip()]
 
-    @classmethod
-    def fit(cls, texts: Iterable[str]) -> WordTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(cls.split(text))
-        return cls(seen)
-
     @property
     def vocab_size(self) -> int:
         return len(self.itos)
@@ -118,6 +100,14 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._DETACH.sub(r"\1", " ".join(self.itos[i] for i in ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """The bytes each word adds to `decode`'s text: its UTF-8 length plus the space decode puts
+        before it (none before the punctuation decode attaches to the previous word); 0 for
+        <|endoftext|>. (A sequence's first word is counted with its space: one byte too many.)"""
+        sizes = [len(w.encode("utf-8")) + (0 if self._DETACH.fullmatch(" " + w) else 1) for w in self.itos]
+        sizes[self.stoi[ENDOFTEXT]] = 0
+        return np.array(sizes, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "words": list(self.itos[:-2])}
@@ -160,19 +150,49 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 
+    def token_bytes(self) -> np.ndarray:
+        """The length of each token's bytes; 0 for special tokens and for ids the encoding leaves unused."""
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+        for i in range(self.vocab_size):
+            if i not in special:
+                try:
+                    sizes[i] = len(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pass  # a gap in the vocabulary (cl100k_base has some)
+        return sizes
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoding": self.encoding}
 
 
-TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+KINDS = ("bpe", "bpe_train", "char", "word")
 
 
-def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | WordTokenizer | BPETokenizer:
+def tokenizer_from_state(state: dict[str, Any]):
+    """The tokenizer a `state_dict()` describes; ConfigError (naming what is wrong) for anything else."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"a tokenizer state is a dict, not {type(state).__name__}")
     kind = state.get("kind")
     if kind == "char":
-        return CharTokenizer(state["chars"])
+        chars = state.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise ConfigError(f"char tokenizer state: 'chars' is {chars!r}, not a non-empty string")
+        return CharTokenizer(chars)
     if kind == "word":
-        return WordTokenizer(state["words"])
+        words = state.get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ConfigError("word tokenizer state: 'words' is not a list of strings")
+        return WordTokenizer(words)
     if kind == "bpe":
-        return BPETokenizer(state.get("encoding", "gpt2"))
-    raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZERS)}")
+        encoding = state.get("encoding", "gpt2")
+        if not isinstance(encoding, str):
+            raise ConfigError(f"bpe tokenizer state: 'encoding' is {encoding!r}, not a name")
+        return BPETokenizer(encoding)
+    if kind == "bpe_train":
+        from gptlab.data.trained_bpe import TrainedBPETokenizer  # imports Hugging Face tokenizers
+
+        if not isinstance(state.get("json"), str):
+            raise ConfigError("bpe_train tokenizer state: 'json' is not a tokenizers JSON string")
+        return TrainedBPETokenizer(state["json"])
+    raise ConfigError(f"unknown tokenizer {kind!r}; choose one of {list(KINDS)}")
