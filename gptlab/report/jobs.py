@@ -245,11 +245,11 @@ def sweep_name(run_dir: str | os.PathLike) -> str:
 
 
 def sort_jobs(jobs: list[Job], direction: str = "minimize") -> list[Job]:
-    """Best first by the optimised metric; jobs without a finite value last, in job order."""
+    """Best first by the optimised metric; then jobs without a finite value, then failed jobs."""
     sign = -1.0 if direction == "maximize" else 1.0
 
     def key(job: Job) -> tuple:
         ok = job.value is not None and math.isfinite(job.value)
-        return (not ok, sign * job.value if ok else 0.0, natural(job.path.name))
+        return (job.status == "failed", not ok, sign * job.value if ok else 0.0, natural(job.path.name))
 
     return sorted(jobs, key=key)
