@@ -67,6 +67,7 @@ class StepProgressBar(TQDMProgressBar):
         self._validation_started: float | None = None
         self._started = 0.0
         self._start_step = 0
+        self._drawn = 0.0  # when the bar was last redrawn
 
     # -- what is shown --------------------------------------------------------------------------
     def _is_plain(self) -> bool:
@@ -136,7 +137,10 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         step, total = trainer.global_step, bar.total
         last = total is not None and step >= total
-        if self._should_update(step, total):
+        now = time.perf_counter()
+        # at most ~10 redraws a second: a fast GPU step would spend more on the terminal than on math
+        if self._should_update(step, total) and (now - self._drawn >= 0.1 or last):
+            self._drawn = now
             _update_n(bar, step)
             bar.set_postfix(self.get_metrics(trainer, pl_module))
         if last and not trainer.enable_validation:
@@ -177,7 +181,9 @@ class StepProgressBar(TQDMProgressBar):
         if self._validation_started is not None:
             self._paused += time.perf_counter() - self._validation_started
             self._validation_started = None
-        super().on_validation_end(trainer, pl_module)
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.n = trainer.global_step  # a throttled redraw may have skipped it
+        super().on_validation_end(trainer, pl_module)  # closes the val bar, redraws the postfix
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         if self._is_plain() and self.is_enabled:

@@ -30,7 +30,7 @@ def sweep(tmp_path_factory, data_dir) -> Path:
         "-m", f"data.path={SHAKESPEARE}", *tiny, "hparams_search=optuna",
         "hydra.sweeper.n_trials=2", "model.n_layer=choice(1,2)", "model.dropout=0.0",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=4",
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={sweep_dir}", "+hydra.callbacks.report._target_=gptlab.report.SweepReport",
     ], data_dir)
     return sweep_dir
 
@@ -43,6 +43,12 @@ def copy(sweep, tmp_path) -> Path:
 
 def finish(job: Path, value: float, steps: int = 4) -> None:
     mark_done(job, "val/loss", value, steps, 1.5)
+
+
+def test_sweep_report_callback_wrote_the_report(sweep):
+    md = (sweep / "report.md").read_text()
+    assert "2 jobs: 0 finished, 0 failed, 2 running" in md and md.count("| optim.lr=") == 2
+    assert (sweep / "val_loss.png").is_file() and (sweep / "report.csv").is_file()
 
 
 def test_report_of_a_running_sweep_names_every_job(sweep, tmp_path):

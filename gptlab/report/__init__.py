@@ -13,13 +13,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gptlab.report.jobs import DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs, \
-    read_job, sort_jobs, sweep_name
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+
+from gptlab.errors import GptlabError
+from gptlab.files import atomic_write
+from gptlab.report.jobs import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
+                                read_job, sort_jobs, sweep_name)
 from gptlab.report.study import load_study, plot_study, sweep_settings
 from gptlab.report.write import markdown, plot_val_loss, text_table, write_csv
 
-__all__ = ["DONE", "FAILED", "Job", "Report", "build_report", "report", "mark_done", "mark_failed", "sweep_name"]
+__all__ = ["DONE", "FAILED", "Job", "Report", "SweepReport", "build_report", "report", "mark_done", "mark_failed",
+           "sweep_name"]
 
 
 @dataclass
@@ -56,8 +63,6 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
         images += plots
         rep.notes += notes
     write_csv(group / "report.csv", jobs)
-    from gptlab.files import atomic_write
-
     with atomic_write(group / "report.md", "w") as f:
         f.write(markdown(group, jobs, images, rep.notes))
     rep.files = [group / "report.md", group / "report.csv", *images]
@@ -67,3 +72,19 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
 def report(path: str | os.PathLike, write: bool = True) -> list[Report]:
     """A report for every group of runs at or under `path`."""
     return [build_report(group, write) for group in find_groups(path)]
+
+
+class SweepReport(HydraCallback):
+    """Hydra callback: at the end of a multirun, write the sweep's report and print its table.
+    Enable it with `hydra.callbacks.report._target_=gptlab.report.SweepReport` (conf/hydra/default.yaml)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            reports = report(sweep_dir)
+        except GptlabError as e:  # e.g. every job failed before Hydra wrote its config
+            print(f"[gptlab] no sweep report: {e}")
+            return
+        for rep in reports:
+            print(f"[gptlab] sweep report {rep.group / 'report.md'} (python -m gptlab.report {rep.group}):")
+            print(rep.table)
