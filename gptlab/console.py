@@ -2,9 +2,9 @@
 warnings, one end-of-run block with the paths and next commands, and one line per finished sweep job.
 
     quiet_lightning()                     # before the Trainer is created
-    callbacks: progress_bar: _target_: gptlab.console.StepProgressBar
+    # conf/callbacks/default.yaml: progress_bar: {_target_: gptlab.console.StepProgressBar}
     print(summary(run_dir, best_ckpt, last_ckpt, "val/loss", 1.70, steps=600, seconds=151))
-    print(job_line(run_dir, "val/loss", 1.70, steps=600, seconds=151))   # in a multirun
+    print(job_line(run_dir, "val/loss", 1.70, steps=600, seconds=151))   # instead, in a multirun
 """
 
 from __future__ import annotations
@@ -131,13 +131,13 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        now = time.perf_counter()
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         self._tokens += getattr(x, "numel", lambda: 0)() * trainer.world_size
-        self._rate.append((time.perf_counter() - self._paused, self._tokens))
+        self._rate.append((now - self._paused, self._tokens))
         bar = self.train_progress_bar
         step, total = trainer.global_step, bar.total
         last = total is not None and step >= total
-        now = time.perf_counter()
         # at most ~10 redraws a second: a fast GPU step would spend more on the terminal than on math
         if self._should_update(step, total) and (now - self._drawn >= 0.1 or last):
             self._drawn = now

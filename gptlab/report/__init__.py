@@ -52,7 +52,7 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
     if not write:
         return rep
     images = []
-    if plot_val_loss(group / "val_loss.png", jobs, str(group)):
+    if plot_val_loss(group / "val_loss.png", jobs, f"{len(jobs)} jobs of {group.name}"):
         images.append(group / "val_loss.png")
     else:
         rep.notes.append("no val/loss logged yet: no val_loss.png")

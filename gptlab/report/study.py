@@ -95,14 +95,18 @@ def _rebuild(sweeper: dict[str, Any], launch: list[str], jobs: list[Job]):
     import optuna
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # create_trial, add_trial in 2.x
     parser = OverridesParser.create()
     jobs = [j for j in sorted(jobs, key=lambda j: natural(j.path.name)) if j.status != "running"]
     values = [{o.get_key_element(): o.value() for o in parser.parse_overrides(j.overrides)} for j in jobs]
     space = _space(sweeper, launch, jobs, values)
-    study = optuna.create_study(direction=str(sweeper.get("direction") or "minimize"),
-                                study_name=sweeper.get("study_name"))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        study = optuna.create_study(direction=str(sweeper.get("direction") or "minimize"),
+                                    study_name=sweeper.get("study_name"))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for job, job_values in zip(jobs, values):
         params = {k: v for k, v in job_values.items() if k in space}
         complete = job.status == "finished" and job.value is not None
@@ -167,7 +171,8 @@ def plot_study(study: Any, group: Path) -> tuple[list[Path], list[str]]:
     else:
         notes.append("parameter importances need 2 or more finished trials with parameters")
     for filename, plot in plots:
-        with warnings.catch_warnings():
+        # rc_context: Optuna's plots switch matplotlib to its ggplot style for the whole process
+        with warnings.catch_warnings(), plt.rc_context():
             # optuna.visualization.matplotlib is marked experimental in Optuna 2.x
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
@@ -175,10 +180,10 @@ def plot_study(study: Any, group: Path) -> tuple[list[Path], list[str]]:
             except (ValueError, RuntimeError) as e:  # e.g. importances of parameters that never varied
                 notes.append(f"{filename}: {e}")
                 continue
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        with atomic_write(group / filename, "wb") as f:
-            figure.savefig(f, format="png", dpi=90)
-        plt.close(figure)
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            with atomic_write(group / filename, "wb") as f:
+                figure.savefig(f, format="png", dpi=90)
+            plt.close(figure)
         written.append(group / filename)
     return written, notes
