@@ -1,0 +1,34 @@
+"""`python -m gptlab.report PATH`: print and write the report of a sweep, a run or an outputs directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from gptlab.cli import user_errors
+from gptlab.report import report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptlab.report",
+        description="Table of a sweep's jobs by the optimised metric, with report.md, report.csv and plots "
+        "written into the sweep directory. An outputs directory: one report per sweep (and runs/) under it.",
+    )
+    parser.add_argument("path", help="a sweep directory, a run directory or an outputs directory")
+    parser.add_argument("--no-write", action="store_true", help="only print the tables")
+    args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, also without a display
+    with user_errors():
+        for i, rep in enumerate(report(args.path, write=not args.no_write)):
+            print(("\n" if i else "") + f"{rep.group}: {len(rep.jobs)} jobs, by {rep.jobs[0].metric} (best first)")
+            print(rep.table)
+            for note in rep.notes:
+                print(f"note: {note}")
+            if rep.files:
+                print("wrote " + ", ".join(p.name for p in rep.files) + f" in {rep.group}")
+
+
+if __name__ == "__main__":
+    main()
