@@ -19,7 +19,8 @@ from gptlab import resume, tracking
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
-from gptlab.jobs import Outcome, run
+from gptlab.console import job_line, quiet_lightning, summary
+from gptlab.jobs import Outcome, multirun, run
 
 # keys of `model` that say how to run it, not what it is (conf/train.yaml declares them)
 RUN_SWITCHES = ("compile", "init_from")
@@ -109,8 +110,8 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
 
     resume_step = info.step if info else 0
     ckpt_path = str(info.path) if info else None
+    started = time.perf_counter()
     if cfg.get("train", True):
-        started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
             print(f"[gptlab] fit: {trainer.global_step - resume_step} steps in {time.perf_counter() - started:.1f}s, "
@@ -129,7 +130,8 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     last = run_dir / "checkpoints" / "last.ckpt"
     return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
-                   last_ckpt=str(last) if last.is_file() else None, rank_zero=trainer.is_global_zero)
+                   last_ckpt=str(last) if last.is_file() else None, seconds=time.perf_counter() - started,
+                   tokens=module.tokens_seen, rank_zero=trainer.is_global_zero)
 
 
 def train(cfg: DictConfig) -> float:
@@ -137,11 +139,25 @@ def train(cfg: DictConfig) -> float:
     return fit(cfg).value
 
 
+def report(outcome: Outcome) -> Outcome:
+    """The end of a run on the console: one block (where everything is, what to run next), or one line
+    per job in a multirun."""
+    if outcome.rank_zero:
+        o = outcome
+        if multirun():
+            print(job_line(o.run_dir, o.metric, o.value, steps=o.steps, seconds=o.seconds), flush=True)
+        else:
+            print(summary(o.run_dir, o.best_ckpt, o.last_ckpt, o.metric, o.value, steps=o.steps, seconds=o.seconds,
+                          tokens=o.tokens), flush=True)
+    return outcome
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     install_multirun_ddp_fix(Path(__file__).resolve())
+    quiet_lightning()  # before any Trainer or callback is made
     with distributed_job():
-        return run(lambda: fit(cfg), run_dir=cfg.paths.output_dir)
+        return run(lambda: report(fit(cfg)), run_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class Outcome:
     run_dir: Path
     best_ckpt: str | None = None
     last_ckpt: str | None = None
+    seconds: float | None = None  # training time
+    tokens: int | None = None  # tokens trained on
     rank_zero: bool = True
 
 
@@ -78,8 +80,7 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if multirun() and run_dir is not None:
-            with atomic_write(run_dir / FAILED, "w") as f:
-                f.write(one_line(e) + "\n\n" + traceback.format_exc())
+            mark_failed(run_dir, one_line(e) + "\n\n" + traceback.format_exc())
             print(f"[gptlab] job #{job_number()} failed: {one_line(e)} ({run_dir})", file=sys.stderr)
             return None
         if fresh and only_bookkeeping(run_dir):
@@ -90,11 +91,8 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
         raise SystemExit(1) from None
     if isinstance(outcome, Outcome):
         if outcome.rank_zero:
-            write_json(outcome.run_dir / DONE, {
-                "metric": outcome.metric, "value": outcome.value, "steps": outcome.steps,
-                "seconds": round(time.perf_counter() - started, 3),
-                "best_ckpt": outcome.best_ckpt, "last_ckpt": outcome.last_ckpt,
-            })
+            mark_done(outcome.run_dir, outcome.metric, outcome.value, outcome.steps,
+                      round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt)
         if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
             _move_bookkeeping(run_dir, outcome.run_dir)
         return outcome.value
@@ -113,13 +111,26 @@ def _move_bookkeeping(hydra_dir: Path, real_run: Path) -> None:
     shutil.rmtree(hydra_dir, ignore_errors=True)
 
 
+def mark_done(run_dir: str | Path, metric: str, value: float, steps: int, seconds: float, **extra: Any) -> None:
+    write_json(Path(run_dir) / DONE, {"metric": metric, "value": value, "steps": steps, "seconds": seconds, **extra})
+
+
+def mark_failed(run_dir: str | Path, message: str) -> None:
+    """`message`: the error's one line first; a traceback may follow."""
+    with atomic_write(Path(run_dir) / FAILED, "w") as f:
+        f.write(message.rstrip("\n") + "\n")
+
+
 def read_marker(job_dir: Path) -> tuple[str, dict[str, Any] | str | None]:
-    """(`finished` | `failed` | `running`, the marker's content)."""
-    if (job_dir / FAILED).is_file():
-        return "failed", (job_dir / FAILED).read_text(errors="replace").split("\n", 1)[0]
-    if (job_dir / DONE).is_file():
-        try:
-            return "finished", json.loads((job_dir / DONE).read_text())
-        except ValueError:
-            return "finished", None
-    return "running", None
+    """(`finished` | `failed` | `running`, DONE's JSON or FAILED's first line)."""
+    try:
+        lines = (job_dir / FAILED).read_text(errors="replace").splitlines()
+        return "failed", lines[0].strip() if lines else ""
+    except OSError:
+        pass
+    try:
+        return "finished", json.loads((job_dir / DONE).read_text())
+    except FileNotFoundError:
+        return "running", None
+    except (OSError, ValueError):  # an unreadable marker: the run did finish
+        return "finished", None

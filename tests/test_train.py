@@ -2,8 +2,13 @@
 work for any corpus; and a few subprocess smoke tests of the command lines themselves (one-line errors,
 exit status, no debris)."""
 
+import math
+
 import pytest
 import torch
+
+from gptlab.data import TokenDataModule
+from gptlab.data.datasets import FixedWindows
 
 from conftest import SHAKESPEARE, TINY, read_scalars, read_texts, run_script, train_args
 from inprocess import run_sample, run_train
@@ -31,6 +36,9 @@ def test_run_writes_checkpoints_config_and_tensorboard(trained_run):
     ppl = scalars["val/ppl"][-1][1]
     assert abs(ppl - torch.exp(torch.tensor(val)).item()) < 1e-3 * ppl
     assert scalars["train/tokens"][-1][1] == 20 * 8 * 32  # steps x batch x block
+    # bits per byte: tiny Shakespeare is ASCII, one byte per character token
+    bpb = scalars["val/bpb"][-1][1]
+    assert bpb == pytest.approx(val / math.log(2), rel=1e-5)
     # the last logged values travel in the checkpoint (a requeued finished run reports them)
     assert ckpt["gptlab"]["metrics"]["val/loss"] == pytest.approx(val, abs=1e-6)
     texts = read_texts(trained_run / "tensorboard")
@@ -66,6 +74,15 @@ def test_bpe_corpus_trains_and_samples(data_dir, tmp_path):
     texts = run_sample([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=1", "max_new_tokens=8",
                         "prompt=ROMEO:", "device=cpu"])
     assert texts[0].startswith("ROMEO:")
+    # val/bpb = val/loss / ln 2 x tokens / bytes over the same validation windows
+    dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=str(data_dir), tokenizer="bpe", block_size=32,
+                         batch_size=8, val_windows=32)
+    dm.setup()
+    targets = torch.stack([y for _, y in FixedWindows(dm.val_tokens, 32, 32)])
+    n_bytes = int(dm.tokenizer.token_bytes()[targets.numpy()].sum())
+    scalars = read_scalars(run / "tensorboard")
+    expected = scalars["val/loss"][-1][1] / math.log(2) * targets.numel() / n_bytes
+    assert scalars["val/bpb"][-1][1] == pytest.approx(expected, rel=1e-4)
 
 
 # -- the command lines (subprocesses) -------------------------------------------------------------------

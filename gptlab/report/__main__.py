@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptlab.cli import user_errors
+from gptlab.jobs import run
 from gptlab.report import report
 
 
@@ -20,14 +20,17 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, also without a display
-    with user_errors():
-        for i, rep in enumerate(report(args.path, write=not args.no_write)):
-            print(("\n" if i else "") + f"{rep.group}: {len(rep.jobs)} jobs, by {rep.jobs[0].metric} (best first)")
-            print(rep.table)
-            for note in rep.notes:
-                print(f"note: {note}")
-            if rep.files:
-                print("wrote " + ", ".join(p.name for p in rep.files) + f" in {rep.group}")
+    run(lambda: show(args.path, write=not args.no_write), run_dir=None)
+
+
+def show(path: str, write: bool) -> None:
+    for i, rep in enumerate(report(path, write=write)):
+        print(("\n" if i else "") + f"{rep.group}: {len(rep.jobs)} jobs, by {rep.jobs[0].metric} (best first)")
+        print(rep.table)
+        for note in rep.notes:
+            print(f"note: {note}")
+        if rep.files:
+            print("wrote " + ", ".join(p.name for p in rep.files) + f" in {rep.group}")
 
 
 if __name__ == "__main__":

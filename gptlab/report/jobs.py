@@ -9,7 +9,6 @@ directory, or `outputs/train/runs/`), or a single run directory given on its own
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -21,23 +20,10 @@ from typing import Any
 import yaml
 
 from gptlab.errors import ConfigError
-from gptlab.files import atomic_write, write_json
-
-# Marker files at the top of a run directory. FAILED: the first line is the error message;
-# DONE: JSON {"metric", "value", "steps", "seconds"} written when the run finished.
-DONE = "DONE"
-FAILED = "FAILED"
+# the DONE / FAILED markers at the top of a run directory belong to gptlab.jobs, which writes them
+from gptlab.jobs import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401 (re-exported)
 
 Curve = list[tuple[int, float]]
-
-
-def mark_done(run_dir: str | os.PathLike, metric: str, value: float, steps: int, seconds: float) -> None:
-    write_json(Path(run_dir) / DONE, {"metric": metric, "value": value, "steps": steps, "seconds": seconds})
-
-
-def mark_failed(run_dir: str | os.PathLike, message: str) -> None:
-    with atomic_write(Path(run_dir) / FAILED, "w") as f:
-        f.write(message.rstrip("\n") + "\n")
 
 
 def is_run(path: Path) -> bool:
@@ -85,17 +71,10 @@ def read_yaml(path: Path) -> Any:
 
 def _status(run: Path) -> tuple[str, str, dict[str, Any]]:
     """(finished / failed / running, failure message, DONE's content)."""
-    try:
-        lines = (run / FAILED).read_text().splitlines()
-        return "failed", (lines[0].strip() if lines else ""), {}
-    except OSError:
-        pass
-    try:
-        return "finished", "", json.loads((run / DONE).read_text())
-    except FileNotFoundError:
-        return "running", "", {}
-    except (OSError, ValueError):  # unreadable marker: the run did finish
-        return "finished", "", {}
+    status, content = read_marker(run)
+    if status == "failed":
+        return status, str(content or ""), {}
+    return status, "", content if isinstance(content, dict) else {}
 
 
 def _tensorboard_curves(directory: Path) -> dict[str, Curve]:

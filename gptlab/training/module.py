@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,9 +10,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from gptlab.checkpoint import FORMAT, strip_compile_prefix
+from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import NonFiniteLossError
 from gptlab.models import build_model
 from gptlab.training.optim import (
@@ -50,6 +52,8 @@ class LanguageModel(L.LightningModule):
         self.compile_backend = compile if isinstance(compile, str) else "inductor"
         self.seed = seed
         self.val_loss = MeanMetric()
+        self.val_nats, self.val_bytes = SumMetric(), SumMetric()  # for val/bpb, summed over all ranks
+        self._token_bytes: torch.Tensor | None = None
         # progress counters that travel in the checkpoint
         self.tokens_seen = 0
         self.micro_step = 0  # micro-batches trained on (optimizer steps x accumulation)
@@ -111,9 +115,20 @@ class LanguageModel(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._validation_started = time.perf_counter()
+        if self._token_bytes is None and self.hparams.get("tokenizer"):
+            # UTF-8 bytes of each token's text (0 for special tokens): the unit of val/bpb
+            sizes = tokenizer_from_state(self.hparams["tokenizer"]).token_bytes()
+            self._token_bytes = torch.as_tensor(sizes, dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.val_loss.update(self.loss(batch), weight=batch[0].size(0))
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none")
+        self.val_loss.update(losses.mean(), weight=x.size(0))
+        if self._token_bytes is not None:
+            size = self._token_bytes.to(y.device)[y.reshape(-1)]
+            self.val_nats.update((losses * (size > 0)).sum())
+            self.val_bytes.update(size.sum())
 
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()  # averaged over all windows and all ranks
@@ -123,6 +138,12 @@ class LanguageModel(L.LightningModule):
             return
         self.best_val_loss = min(self.best_val_loss, float(value))
         self.log("val/loss", value, prog_bar=True, sync_dist=False)
+        if self._token_bytes is not None:
+            # bits per UTF-8 byte of the text the windows cover: one axis for every tokenizer
+            nats, size = self.val_nats.compute(), self.val_bytes.compute()
+            self.log("val/bpb", nats / math.log(2) / size.clamp(min=1), sync_dist=False)
+        self.val_nats.reset()
+        self.val_bytes.reset()
         self.log("val/ppl", torch.exp(value))
         self.log("hp/best_val_loss", self.best_val_loss)
 
