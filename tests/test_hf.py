@@ -879,7 +879,8 @@ def foreign_tokenizer_json(directory: Path) -> None:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
-    HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")).save(str(directory / "tokenizer.json"))
+    words = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    words.save(str(directory / "tokenizer.json"))
 
 
 @pytest.mark.parametrize(
@@ -906,7 +907,8 @@ def test_llama_import_logits_and_greedy_ids(tmp_path, capsys, fmt, tied, n_kv):
     cfg = hparams["model"]
     assert (cfg["pos"], cfg["norm"], cfg["mlp"], cfg["bias"], cfg["n_kv_head"], cfg["tie_weights"]) == (
         "rope", "rmsnorm", "swiglu", False, n_kv, tied)
-    assert (cfg["n_layer"], cfg["n_embd"], cfg["mlp_hidden"], cfg["rope_theta"], cfg["block_size"]) == (2, 32, 88, 500.0, 24)
+    sizes = (cfg["n_layer"], cfg["n_embd"], cfg["mlp_hidden"], cfg["rope_theta"], cfg["block_size"])
+    assert sizes == (2, 32, 88, 500.0, 24)
     assert (model.lm_head.weight is model.transformer.wte.weight) is tied
     model.eval()
     torch.manual_seed(1)
@@ -947,7 +949,8 @@ def test_llama_export_loads_with_from_pretrained(tmp_path, capsys, tied):
         return
     # sample.py from the directory decodes with its own tokenizer (gptlab_tokenizer.json) what transformers decodes
     start = torch.tensor([tok.encode("ROMEO:")])
-    text = tok.decode(hf.generate(start, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(start))[0].tolist())
+    ids = hf.generate(start, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(start))
+    text = tok.decode(ids[0].tolist())
     args = ["prompt=ROMEO:", "max_new_tokens=12", "num_samples=1", "device=cpu", "greedy=true"]
     assert run_sample([f"ckpt_path={out}", *args]) == [text]
     # and the directory imports back without --tokenizer

@@ -91,7 +91,9 @@ def _load(model: nn.Module, hf: HFModel, source: str) -> None:
         checkpoint.load_weights(model, hf.weights(), source)
 
 
-def _read(path_or_id: str | os.PathLike, tokenizer: str | None) -> tuple[nn.Module, Tokenizer, dict[str, Any], str, str]:
+def _read(
+    path_or_id: str | os.PathLike, tokenizer: str | None
+) -> tuple[nn.Module, Tokenizer, dict[str, Any], str, str]:
     """(model, tokenizer, tokenizer state, where the tokenizer came from, family) of a Hugging Face model."""
     hf = read_hf(path_or_id)
     directory = hf.directory
@@ -118,7 +120,9 @@ def source_model_cfg(init_from: str | os.PathLike) -> dict[str, Any]:
     return {k: v for k, v in model.items() if k not in RUN_SWITCHES}
 
 
-def pretrained_model_cfg(init_from: str | os.PathLike, model_cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def pretrained_model_cfg(
+    init_from: str | os.PathLike, model_cfg: dict[str, Any], overrides: list[str]
+) -> dict[str, Any]:
     """The model config of a run with `model.init_from=<init_from>` (train.py): the checkpoint's shape
     with the run's dropout (gptlab.hf.pretrained). `model_cfg`: the run's model config without its
     run switches; `overrides`: the command line's (Hydra's task overrides), whose `model.*` values
