@@ -11,7 +11,6 @@ offline cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -796,24 +795,19 @@ def test_finetune_experiment_config():
     assert cfg.trainer.val_check_interval == 5
 
 
-def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path, monkeypatch):
+def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path):
     """train.py train=false with the finetune recipe and model.init_from: the validation loss is
-    the Hugging Face model's own loss on the same windows (so the weights really were loaded)."""
+    the Hugging Face model's own loss on the same windows (so the weights really were loaded). The
+    recipe's model=gpt2 (12 layers of 768) need not be restated: the shape is the checkpoint's."""
     directory, hf = gpt2_vocab_hf
     if not SHAKESPEARE.is_file():
         pytest.skip(f"offline corpus missing: {SHAKESPEARE}")
-    spec = importlib.util.spec_from_file_location("gptlab_train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
     data_dir = tmp_path / "data"
-    cfg = _compose_train([
+    val_loss = run_train([
         "experiment=finetune_shakespeare", "train=false", f"model.init_from={directory}",
-        "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=64",
-        f"data.path={SHAKESPEARE}", "data.val_windows=6", "data.batch_size=3",
-        f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'run'}",
+        f"data.path={SHAKESPEARE}", "data.val_windows=6", "data.batch_size=3", f"paths.data_dir={data_dir}",
         "callbacks=none", "logger=none", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false",
-    ])
-    val_loss = train_script.train(cfg)
+    ], tmp_path / "run")
 
     from gptlab.data import TokenDataModule
 
