@@ -57,6 +57,15 @@ def fit(cfg: DictConfig) -> Outcome:
               f"nothing to do. final {metric_name} = {value:.4f}")
         return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.model.get("init_from"):  # the shape is the checkpoint's (so are the data's windows, ${model.block_size})
+        from hydra.core.hydra_config import HydraConfig
+
+        from gptlab.hf import pretrained_model_cfg
+
+        given = OmegaConf.to_container(cfg.model, resolve=True)
+        switches = {k: given.pop(k, None) for k in RUN_SWITCHES}
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        cfg.model = {**pretrained_model_cfg(switches["init_from"], given, overrides), **switches}
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()

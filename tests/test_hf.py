@@ -1,6 +1,7 @@
-"""Hugging Face GPT-2 import/export (gptlab.hf) against transformers' own GPT2LMHeadModel.
+"""Hugging Face GPT-2 and Llama import/export (gptlab.hf) against transformers' own GPT2LMHeadModel
+and LlamaForCausalLM, and `model.init_from` taking the checkpoint's shape.
 
-Everything is offline: the Hugging Face models are small random GPT-2s built and saved with
+Everything is offline: the Hugging Face models are small random GPT-2s and Llamas built and saved with
 transformers itself, in the layouts found in the wild (safetensors, sharded safetensors,
 pytorch_model.bin with and without the `transformer.` prefix, tied and untied heads). GPT-2's
 original tokenizer files (encoder.json = vocab.json, vocab.bpe = merges.txt) come from tiktoken's
@@ -10,7 +11,6 @@ offline cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from gptlab import checkpoint  # noqa: E402
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
@@ -35,12 +36,12 @@ from gptlab.errors import CheckpointError, ConfigError  # noqa: E402
 from gptlab.files import FilesystemError, temp_name  # noqa: E402
 from gptlab.hf import export_checkpoint, import_checkpoint, load_hf_model, load_pretrained_into  # noqa: E402
 from gptlab.hf.cli import main as hf_main  # noqa: E402
-from gptlab.hf.export import export_hf  # noqa: E402
+from gptlab.hf.convert import export_hf  # noqa: E402
 from gptlab.hf.gpt2 import copy_into, hf_config_to_model_cfg, to_gptlab_state  # noqa: E402
 from gptlab.hf.weights import read_config, read_state, resolve_dir  # noqa: E402
 from gptlab.models import build_model  # noqa: E402
 from gptlab.sampling import generate  # noqa: E402
-from inprocess import run_sample  # noqa: E402
+from inprocess import run_sample, run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -378,10 +379,9 @@ def test_read_hf_layout(small_hf):
 
 def test_load_pretrained_into_a_configured_model(small_hf, tmp_path):
     directory, hf = small_hf
-    # as train.py builds it: conf/model/*.yaml keys, runtime keys included, dropout for finetuning,
-    # and a shorter context than the checkpoint's (the first 16 positions are kept)
-    base = dict(arch="gpt", vocab_size=100, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True,
-                qkv_bias=None, compile=False, init_from=str(directory))
+    # conf/model/*.yaml keys, dropout for finetuning, and a shorter context than the checkpoint's
+    # (the first 16 positions are kept)
+    base = dict(arch="gpt", vocab_size=100, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True, qkv_bias=None)
     model = build_model(dict(base, block_size=16))
     assert load_pretrained_into(model, directory) is model
     model.eval()
@@ -396,10 +396,15 @@ def test_load_pretrained_into_a_configured_model(small_hf, tmp_path):
         assert rel_err(untied(ids), ref) < 1e-4
         # an imported gptlab checkpoint initialises a model just as well
         ckpt = import_checkpoint(directory, tmp_path / "small.ckpt", tokenizer=str(char_file(tmp_path))).path
-        from_ckpt = load_pretrained_into(build_model(dict(base, block_size=32, init_from=str(ckpt))), ckpt).eval()
+        from_ckpt = load_pretrained_into(build_model(dict(base, block_size=32)), ckpt).eval()
         assert rel_err(from_ckpt(ids), ref) < 1e-4
-    with pytest.raises(CheckpointError, match=r"does not fit the model: .*shape"):
+        # ... also into a shorter context
+        short = load_pretrained_into(build_model(dict(base, block_size=16)), ckpt).eval()
+        assert rel_err(short(ids), ref) < 1e-4
+    with pytest.raises(ConfigError, match=r"^model\.n_embd=64 but the checkpoint .*small\.ckpt has n_embd=32$"):
         load_pretrained_into(build_model(dict(base, block_size=32, n_embd=64)), ckpt)
+    with pytest.raises(ConfigError, match=r"model\.tie_weights=false but the checkpoint .* has tie_weights=true"):
+        load_pretrained_into(build_model(dict(base, block_size=32, tie_weights=False)), ckpt)
 
 
 def test_mismatched_models_name_the_offending_key(small_hf, tmp_path):
@@ -439,11 +444,15 @@ def test_mismatched_models_name_the_offending_key(small_hf, tmp_path):
 
 
 def test_non_gpt2_checkpoints_are_rejected(tmp_path):
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="model_type='llama' is not GPT-2"):
-        load_hf_model(llama)
+    other = tmp_path / "mistral"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="model_type='mistral' is neither GPT-2 nor Llama; gptlab reads"):
+        load_hf_model(other)
+    # a Llama config.json states its sizes: LlamaConfig's defaults would make a 7B model
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"mistral/config\.json has no vocab_size; a Llama config\.json states"):
+        load_hf_model(other)
     with pytest.raises(CheckpointError, match="BertModel"):
         hf_config_to_model_cfg({"architectures": ["BertModel"]})
     sizes = dict(n_embd=32, n_layer=1, n_head=2, vocab_size=10, n_positions=8)
@@ -543,6 +552,13 @@ def test_export_needs_gpt2_options(tmp_path):
         export_hf(model, tmp_path / "d")
     with pytest.raises(CheckpointError, match="the char tokenizer has 12 tokens but the model's vocab_size is 10"):
         export_hf(build_model(small), tmp_path / "e" / "f", CharTokenizer("abcdefghijkl"))
+    # variants: GPT-2 cannot express them (pos=rope exports as Llama, which refuses what it lacks)
+    with pytest.raises(ConfigError, match=r"^model\.norm=rmsnorm cannot be exported: GPT-2 has learned positions"):
+        export_hf(build_model(dict(small, norm="rmsnorm", bias=False)), tmp_path / "g")
+    with pytest.raises(ConfigError, match=r"^model\.mlp_hidden=16 cannot be exported: GPT-2 has"):
+        export_hf(build_model(dict(small, mlp_hidden=16)), tmp_path / "h")
+    with pytest.raises(ConfigError, match=r"^model\.norm=layernorm: Llama needs model\.norm=rmsnorm$"):
+        export_hf(build_model(dict(small, pos="rope", bias=False)), tmp_path / "i")
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -779,24 +795,19 @@ def test_finetune_experiment_config():
     assert cfg.trainer.val_check_interval == 5
 
 
-def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path, monkeypatch):
+def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path):
     """train.py train=false with the finetune recipe and model.init_from: the validation loss is
-    the Hugging Face model's own loss on the same windows (so the weights really were loaded)."""
+    the Hugging Face model's own loss on the same windows (so the weights really were loaded). The
+    recipe's model=gpt2 (12 layers of 768) need not be restated: the shape is the checkpoint's."""
     directory, hf = gpt2_vocab_hf
     if not SHAKESPEARE.is_file():
         pytest.skip(f"offline corpus missing: {SHAKESPEARE}")
-    spec = importlib.util.spec_from_file_location("gptlab_train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
     data_dir = tmp_path / "data"
-    cfg = _compose_train([
+    val_loss = run_train([
         "experiment=finetune_shakespeare", "train=false", f"model.init_from={directory}",
-        "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=64",
-        f"data.path={SHAKESPEARE}", "data.val_windows=6", "data.batch_size=3",
-        f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'run'}",
+        f"data.path={SHAKESPEARE}", "data.val_windows=6", "data.batch_size=3", f"paths.data_dir={data_dir}",
         "callbacks=none", "logger=none", "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false",
-    ])
-    val_loss = train_script.train(cfg)
+    ], tmp_path / "run")
 
     from gptlab.data import TokenDataModule
 
@@ -812,3 +823,169 @@ def test_init_from_end_to_end(gpt2_vocab_hf, tmp_path, monkeypatch):
     expected = sum(losses) / sum(counts)
     assert abs(expected - math.log(50257)) > 0.5  # far from an untrained model's loss
     assert val_loss == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama (LlamaForCausalLM): import, export, sample.py; model.init_from takes the checkpoint's shape
+
+LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=24, rope_theta=500.0, rms_norm_eps=1e-5)
+
+
+def make_llama(directory: Path, fmt: str = "safetensors", seed: int = 0, **kwargs) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM saved to `directory` in layout `fmt` (safetensors, sharded, bin); every
+    weight random and the norm gains around 1, so a swapped norm or projection cannot go unnoticed."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(bos_token_id=None, eos_token_id=None, **kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("norm.weight") else 0.0))
+    if fmt == "bin":
+        model.config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    else:
+        model.save_pretrained(directory, **({"max_shard_size": "20KB"} if fmt == "sharded" else {}))
+    assert (fmt == "sharded") is (directory / "model.safetensors.index.json").is_file()
+    return model
+
+
+def shakespeare_chars() -> CharTokenizer:
+    return CharTokenizer.fit([SHAKESPEARE.read_text(encoding="utf-8")])
+
+
+def llama_nano_ckpt(path: Path, tokenizer, tied: bool = False, seed: int = 0) -> Path:
+    """A gptlab checkpoint of conf/model/llama_nano.yaml's shape (tied: with 3 key/value heads), random
+    weights far from any initialisation (norm gains around 1)."""
+    cfg = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "llama_nano.yaml")),
+           "vocab_size": tokenizer.vocab_size}
+    if tied:
+        cfg.update(tie_weights=True, n_kv_head=3)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if ".ln_" in name else 0.0))
+    return checkpoint.save(checkpoint.new_checkpoint(cfg, model.state_dict(), tokenizer.state_dict()), path)
+
+
+def foreign_tokenizer_json(directory: Path) -> None:
+    """A tokenizer.json that is not GPT-2's (as Llama repositories have, SentencePiece-style)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    words = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    words.save(str(directory / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    "fmt,tied,n_kv",
+    [("safetensors", True, 2), ("sharded", False, 4), ("bin", False, 1)],
+    ids=["tied-gqa-safetensors", "untied-sharded", "untied-mqa-bin"],
+)
+def test_llama_import_logits_and_greedy_ids(tmp_path, capsys, fmt, tied, n_kv):
+    directory = tmp_path / "llama"
+    hf = make_llama(directory, fmt, tie_word_embeddings=tied, num_key_value_heads=n_kv, **LLAMA)
+    foreign_tokenizer_json(directory)
+    ckpt = tmp_path / "llama.ckpt"
+    capsys.readouterr()  # save_pretrained's progress bar
+    # a foreign tokenizer.json and no gptlab_tokenizer.json: refused, naming --tokenizer; nothing written
+    assert hf_main(["import", str(directory), str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and "tokenizer.json is not GPT-2's byte-level BPE" in err and "--tokenizer" in err
+    assert not ckpt.exists()
+
+    assert hf_main(["import", str(directory), str(ckpt), "--tokenizer", str(char_file(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert one_line(out) and ": Llama with " in out and "char tokenizer (10 tokens" in out
+    model, hparams = checkpoint.model_from_checkpoint(checkpoint.load(ckpt), ckpt)
+    cfg = hparams["model"]
+    assert (cfg["pos"], cfg["norm"], cfg["mlp"], cfg["bias"], cfg["n_kv_head"], cfg["tie_weights"]) == (
+        "rope", "rmsnorm", "swiglu", False, n_kv, tied)
+    sizes = (cfg["n_layer"], cfg["n_embd"], cfg["mlp_hidden"], cfg["rope_theta"], cfg["block_size"])
+    assert sizes == (2, 32, 88, 500.0, 24)
+    assert (model.lm_head.weight is model.transformer.wte.weight) is tied
+    model.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+    prompt = ids[:, :4]
+    expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generate(model, prompt, 16, greedy=True), expected)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["llama_nano-untied-mqa", "tied-mha"])
+def test_llama_export_loads_with_from_pretrained(tmp_path, capsys, tied):
+    tok = shakespeare_chars()
+    ckpt = llama_nano_ckpt(tmp_path / "nano.ckpt", tok, tied)
+    out = tmp_path / "out"
+    assert hf_main(["export", str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert one_line(printed) and ": Llama with " in printed and "char tokenizer (65 tokens)" in printed
+    assert sorted(os.listdir(out)) == ["config.json", "gptlab_tokenizer.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["tie_word_embeddings"]) == (
+        "llama", ["LlamaForCausalLM"], tied)
+    assert (config["num_key_value_heads"], config["intermediate_size"]) == (3 if tied else 1, 128)
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tied  # safetensors refuses aliases
+    hf, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    model = checkpoint.model_from_checkpoint(checkpoint.load(ckpt), ckpt)[0].eval()
+    torch.manual_seed(2)
+    ids = torch.randint(0, 65, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
+    prompt = ids[:, :5]
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generate(model, prompt, 20, greedy=True), expected)
+    if tied:
+        return
+    # sample.py from the directory decodes with its own tokenizer (gptlab_tokenizer.json) what transformers decodes
+    start = torch.tensor([tok.encode("ROMEO:")])
+    ids = hf.generate(start, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(start))
+    text = tok.decode(ids[0].tolist())
+    args = ["prompt=ROMEO:", "max_new_tokens=12", "num_samples=1", "device=cpu", "greedy=true"]
+    assert run_sample([f"ckpt_path={out}", *args]) == [text]
+    # and the directory imports back without --tokenizer
+    assert hf_main(["import", str(out), str(tmp_path / "back.ckpt")]) == 0
+    assert "from " + str(out / "gptlab_tokenizer.json") in capsys.readouterr().out
+
+
+def test_init_from_takes_the_checkpoints_shape(tmp_path, data_dir, monkeypatch):
+    """model.init_from=<Llama directory> with the default model=gpt_micro (4 layers of 128, learned
+    positions): the run has the checkpoint's shape, the run's dropout, and starts from its weights."""
+    monkeypatch.setenv("GPTLAB_DATA_DIR", str(data_dir))
+    ckpt = llama_nano_ckpt(tmp_path / "nano.ckpt", shakespeare_chars())
+    export_checkpoint(ckpt, tmp_path / "llama")
+    quick = [f"data.path={SHAKESPEARE}", f"paths.data_dir={data_dir}", "trainer.max_steps=2",
+             "trainer.val_check_interval=2", "data.batch_size=4", "data.val_windows=8", "logger=none",
+             "~callbacks.progress_bar", "~callbacks.text_sample"]
+    init = f"model.init_from={tmp_path / 'llama'}"
+    # explicit values that agree (n_layer), a smaller context and a dropout are fine
+    value = run_train([init, *quick, "model.n_layer=3", "model.block_size=32", "model.dropout=0.1"], tmp_path / "run")
+    assert value is not None and math.isfinite(value)
+    trained = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    hp = trained["hyper_parameters"]["model"]
+    assert (hp["n_layer"], hp["n_embd"], hp["n_head"], hp["n_kv_head"], hp["pos"], hp["mlp"], hp["vocab_size"]) == (
+        3, 48, 3, 1, "rope", "swiglu", 65)
+    assert (hp["block_size"], hp["dropout"]) == (32, 0.1) and "init_from" not in hp
+    assert trained["global_step"] == 2
+    # two steps from the exported weights: close to them, far from the other initialisations
+    start = checkpoint.model_state(checkpoint.load(ckpt))["transformer.wte.weight"]
+    now = checkpoint.model_state(trained)["transformer.wte.weight"]
+    assert float((now - start).abs().mean()) < 0.05 * float(start.abs().mean())
+
+    # an explicit value that disagrees is one line naming the key, the value given and the checkpoint's
+    with pytest.raises(ConfigError) as e:
+        run_train([init, *quick, "model.n_layer=4"], tmp_path / "bad")
+    message = str(e.value)
+    assert one_line(message) and message.startswith(f"model.n_layer=4 but {init} has n_layer=3 (")
+    with pytest.raises(ConfigError, match=r"^model\.block_size=128 but .* has block_size=64; .*only be smaller"):
+        run_train([init, *quick, "model.block_size=128"], tmp_path / "bad")
+    # the data's tokenizer must fit the checkpoint's vocabulary (here a gptlab checkpoint of 10 tokens)
+    small = gptlab_ckpt(tmp_path / "small.ckpt", dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8),
+                        CharTokenizer(CHARS).state_dict())
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=10 is smaller than the tokenizer's 65"):
+        run_train([f"model.init_from={small}", *quick], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

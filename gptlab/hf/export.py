@@ -1,4 +1,4 @@
-"""Writing a Hugging Face GPT-2 directory, all or nothing.
+"""Writing a Hugging Face model directory, all or nothing (what goes in it: gptlab.hf.convert).
 
 Every file is written into a hidden staging directory first (`.tmp-<name>-<host>-<pid>-...`, beside a
 new directory or inside an existing one), fsynced, and only then moved into place: a new directory
@@ -10,19 +10,14 @@ dead writer's staging directory).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import ConfigError
 from gptlab.files import fs_error, remove_stale, temp_name
-from gptlab.hf.gpt2 import hf_state_dict, model_cfg_to_hf_config
-from gptlab.hf.tokenizer import HF_TOKENIZER_FILES, TOKENIZER_FILE, check_fits, tokenizer_files
-from gptlab.hf.weights import INSTALL_HINT
-from gptlab.models.gpt import GPT
+from gptlab.hf.tokenizer import HF_TOKENIZER_FILES, TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 # files an export owns: written now, or removed when an earlier export into the same directory wrote them
@@ -96,38 +91,18 @@ def _write(path: Path, data: str | bytes) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Tokenizer | None = None) -> tuple[Path, list[str]]:
-    """Write `model` (and `tokenizer`, if given) as a Hugging Face GPT-2 directory.
-
-    The directory holds config.json and model.safetensors; with a tokenizer also gptlab_tokenizer.json,
-    GPT-2's tokenizer files for GPT-2 BPE (or what the tokenizer's `to_hf_files` writes), and
-    generation_config.json when the tokenizer has an end-of-text token.
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Returns (directory, file names)."""
-    eot = None if tokenizer is None else tokenizer.eot_id
-    config = model_cfg_to_hf_config(model, eot)
-    files: dict[str, str] = {}
-    if tokenizer is not None:
-        check_fits(tokenizer, model.config.vocab_size, "export")
-        files = tokenizer_files(tokenizer, model.config.block_size)
-        if "vocab.json" in files:
-            config["tokenizer_class"] = "GPT2Tokenizer"
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise ConfigError(f"writing {WEIGHTS_FILE} needs safetensors; {INSTALL_HINT}") from None
+def write_directory(
+    out_dir: str | os.PathLike, files: dict[str, str | bytes], more: Callable[[Path], None] | None = None
+) -> tuple[Path, list[str]]:
+    """Write `files` (name -> text or bytes), and what `more(staging_dir)` writes, into `out_dir`,
+    all or nothing. Returns (directory, the names of its files)."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory; give the directory to export into")
-    # serialised in memory and written by Python, so a full disk is an OSError like any other write
-    weights = save(hf_state_dict(model), metadata={"format": "pt"})
     with staged(out) as stage:
-        _write(stage / WEIGHTS_FILE, weights)
-        _write(stage / "config.json", json.dumps(config, indent=2) + "\n")
-        if eot is not None:
-            _write(stage / "generation_config.json", json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
-        for name, text in files.items():
-            _write(stage / name, text)
-        if tokenizer is not None and hasattr(tokenizer, "to_hf_files"):
-            tokenizer.to_hf_files(stage)
+        for name, data in files.items():
+            _write(stage / name, data)
+        if more is not None:
+            more(stage)
         names = sorted(p.name for p in stage.iterdir())
     return out, names

@@ -27,12 +27,14 @@ from gptlab.models.gpt import GPT
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # activations that are GELU with the tanh approximation (gptlab's MLP)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+GPT2_PARTS = "learned positions, LayerNorm, a 4 n_embd GELU MLP, one key/value head per query head, no qk_norm"
 # the sizes every GPT-2 config.json states; a missing one is an error, never GPT2Config's default
 SIZE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 # GPT2Config defaults, used (as transformers does) for the keys an old config.json leaves out
 DEFAULTS = {"layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "tie_word_embeddings": True}
 # GPT2Config options that gptlab's GPT has fixed to these values
 FIXED_OPTIONS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+READABLE = "gptlab reads model_type 'gpt2' (GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)"
 # non-weight buffers of old checkpoints (h.N.attn.bias is the causal mask, not c_attn's bias)
 _BUFFER = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -70,18 +72,12 @@ def _architecture(config: dict[str, Any], source: str) -> None:
     if not isinstance(architectures, list):
         raise _wrong(source, "architectures", architectures, "a list of class names")
     if model_type is not None and model_type != "gpt2":
-        raise CheckpointError(
-            f"{source}: model_type={model_type!r} is not GPT-2; only model_type 'gpt2' checkpoints "
-            f"(GPT2LMHeadModel) can be loaded into gptlab's GPT"
-        )
+        raise CheckpointError(f"{source}: model_type={model_type!r} is neither GPT-2 nor Llama; {READABLE}")
     foreign = [a for a in architectures if not str(a).startswith("GPT2")]
     if foreign:
-        raise CheckpointError(
-            f"{source}: architectures={architectures} is not GPT-2; only GPT2LMHeadModel / GPT2Model "
-            f"checkpoints can be loaded into gptlab's GPT"
-        )
+        raise CheckpointError(f"{source}: architectures={architectures} is not GPT-2; {READABLE}")
     if model_type is None and not architectures:
-        raise CheckpointError(f"{source} names neither model_type nor architectures; expected model_type 'gpt2'")
+        raise CheckpointError(f"{source} names neither model_type nor architectures; {READABLE}")
 
 
 def hf_config_to_model_cfg(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -141,6 +137,9 @@ def model_cfg_to_hf_config(model: GPT, eot_id: int | None = None) -> dict[str, A
             f"only gptlab GPT models (model.arch=gpt) can be exported to Hugging Face GPT-2, not {type(model).__name__}"
         )
     cfg = model.config
+    variants = cfg.variant_options()
+    if variants:  # pos=rope models export as Llama (gptlab.hf.convert)
+        raise ConfigError(f"{variants[0]} cannot be exported: GPT-2 has {GPT2_PARTS}")
     if not cfg.bias:
         raise ConfigError("model.bias=false cannot be exported: GPT-2 has biases in every Linear and LayerNorm")
     if not cfg.qkv_bias:

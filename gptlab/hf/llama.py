@@ -23,20 +23,24 @@ Plain functions on dicts and tensors; reading and writing directories is gptlab.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from gptlab.checkpoint import strip_compile_prefix
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import model_config
 
-# LlamaConfig's defaults, for keys a config.json leaves out
+# the sizes every Llama config.json states (save_pretrained writes them); a missing one is an error,
+# never LlamaConfig's default (a 7B model)
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings")
+# LlamaConfig's defaults, for the options a config.json leaves out
 LLAMA_DEFAULTS = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
-    "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "num_key_value_heads": None, "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
     "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
 }
 TOP_KEYS = {
@@ -61,34 +65,40 @@ _LLAMA_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # config.json <-> gptlab model config
 
 
-def llama_config_to_model_cfg(config_json: dict[str, Any]) -> dict[str, Any]:
+def llama_config_to_model_cfg(config_json: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
     """The gptlab model config (a conf/model/*.yaml-style dict) of a Llama config.json; one line
-    naming the option for what gptlab's GPT cannot express."""
+    naming the option for what gptlab's GPT cannot express (`source`: the file, for the message)."""
     if not isinstance(config_json, dict):
-        raise CheckpointError(f"config.json must hold a JSON object, not {type(config_json).__name__}")
+        raise CheckpointError(f"{source} must hold a JSON object, not {type(config_json).__name__}")
     model_type = config_json.get("model_type", "llama")
     if model_type != "llama":
-        raise CheckpointError(f"config.json model_type={model_type!r}: gptlab.hf.llama reads 'llama' configs only")
+        raise CheckpointError(f"{source}: model_type={model_type!r}: gptlab.hf.llama reads 'llama' configs only")
+
+    missing = [key for key in SIZE_KEYS if config_json.get(key) is None]
+    if missing:
+        raise CheckpointError(f"{source} has no {missing[0]}; a Llama config.json states {', '.join(SIZE_KEYS)}")
 
     def get(key: str) -> Any:
         value = config_json.get(key)
-        return LLAMA_DEFAULTS[key] if value is None else value
+        return LLAMA_DEFAULTS.get(key) if value is None else value
 
     if get("hidden_act") != "silu":
-        raise CheckpointError(f"config.json hidden_act={get('hidden_act')!r}: gptlab's swiglu MLP uses 'silu'")
+        raise CheckpointError(f"{source}: hidden_act={get('hidden_act')!r}: gptlab's swiglu MLP uses 'silu'")
     for key in ("attention_bias", "mlp_bias"):
         if get(key):
-            raise CheckpointError(f"config.json {key}=true: gptlab's Llama layout has no biases")
+            raise CheckpointError(f"{source}: {key}=true: gptlab's Llama layout has no biases")
     # transformers >= 5 writes rope_parameters; older versions rope_theta and rope_scaling
     rope = config_json.get("rope_parameters") or config_json.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: rope_parameters={rope!r} is not a JSON object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"config.json rope_type={rope_type!r}: gptlab's RoPE has no scaling, only 'default'")
+        raise CheckpointError(f"{source}: rope_type={rope_type!r}: gptlab's RoPE has no scaling, only 'default'")
     n_embd, n_head = get("hidden_size"), get("num_attention_heads")
     head_dim = config_json.get("head_dim")
     if head_dim is not None and n_head and head_dim * n_head != n_embd:
         raise CheckpointError(
-            f"config.json head_dim={head_dim}: gptlab's head size is hidden_size / num_attention_heads = "
+            f"{source}: head_dim={head_dim}: gptlab's head size is hidden_size / num_attention_heads = "
             f"{n_embd / n_head:g}"
         )
     return {
@@ -225,3 +235,40 @@ def llama_to_gptlab_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         raise CheckpointError("model.embed_tokens.weight is missing: not a Llama state dict")
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# a directory's weights in, a model's weights out (what gptlab.hf.convert reads and writes)
+
+
+def to_gptlab_state(cfg: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A Llama directory's weights in gptlab's names, for a model of config `cfg` (from config.json).
+
+    A tied model's head is its embedding (transformers ignores a stored copy too); an untied one
+    needs its own `lm_head.weight` (transformers would initialise a missing one randomly)."""
+    try:
+        state = llama_to_gptlab_state(hf_state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    if cfg["tie_weights"]:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    elif "lm_head.weight" not in hf_state:
+        raise CheckpointError(f"{source}: config.json has tie_word_embeddings=false but lm_head.weight is missing")
+    return state
+
+
+def hf_config(model: nn.Module, eot_id: int | None = None) -> dict[str, Any]:
+    """LlamaForCausalLM's config.json for `model` (`eot_id`: the tokenizer's end-of-text token, bos and eos)."""
+    out = model_cfg_to_llama_config({"arch": "gpt", **dataclasses.asdict(model.config)}, eot_id, eot_id)
+    out["torch_dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    return out
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights in LlamaForCausalLM's names (CPU, contiguous). A tied head is left out, as
+    save_pretrained leaves it out: safetensors refuses tensors that share memory, and
+    LlamaForCausalLM re-ties lm_head to the embedding when it loads."""
+    state = gptlab_to_llama_state(model.state_dict())
+    if model.config.tie_weights:
+        del state["lm_head.weight"]
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
