@@ -169,7 +169,11 @@ class BPETokenizer:
 KINDS = ("bpe", "bpe_train", "char", "word")
 
 
-def tokenizer_from_state(state: dict[str, Any]):
+# what tokenizer_from_state returns (gptlab.data.trained_bpe.TrainedBPETokenizer has the same methods)
+Tokenizer = CharTokenizer | WordTokenizer | BPETokenizer
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     """The tokenizer a `state_dict()` describes; ConfigError (naming what is wrong) for anything else."""
     if not isinstance(state, dict):
         raise ConfigError(f"a tokenizer state is a dict, not {type(state).__name__}")
