@@ -156,7 +156,7 @@ def preset_run(tmp_path_factory, data_dir):
 def test_gpu_preset_allows_tf32(preset_run):
     """float32 matmuls (the parameters' master copy, the fp32 parts outside autocast) may use TF32 tensor cores."""
     assert preset_run.matmul_precision in ("high", "medium"), (
-        "torch.set_float32_matmul_precision('high') is not set on the CUDA path")
+        "train.py does not call torch.set_float32_matmul_precision('high') on the CUDA path")
 
 
 def test_gpu_preset_pins_batches(preset_run):
@@ -193,12 +193,16 @@ def test_text_sample_under_compile_compiles_once(tmp_path, data_dir):
     """TextSample generates with the compiled model at every validation: prefill, one-token decoding and a
     cache rebuilt past block_size (48 new tokens, block 32) compile once, at the first validation; later
     validations and the training steps between them reuse those graphs."""
-    torch._dynamo.reset()  # count this run's compiles only
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a storm fails instead of going eager
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or config.cache_size_limit  # renamed in torch 2.7
+    # past the limit Dynamo would quietly run eager; make it fail instead (the switch's name differs by version)
+    fail = {k: True for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(config, k)}
+    torch._dynamo.reset()  # fresh caches: this run compiles everything it needs
+    with config.patch(fail):
         value, probe = probed([*GPU, f"model.compile={COMPILE}", "trainer.precision=bf16-mixed", "trainer.max_steps=8",
                                "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=48"], tmp_path)
     assert math.isfinite(value) and len(probe.frames) == 4
-    assert 0 < probe.frames[0] <= torch._dynamo.config.recompile_limit, probe.frames
+    assert 0 < probe.frames[0] <= limit, probe.frames
     assert probe.frames == [probe.frames[0]] * 4, f"recompiled after the first validation: {probe.frames}"
 
 
@@ -256,6 +260,7 @@ def test_newton_schulz_runs_in_bfloat16_on_cuda():
     assert 0.6 < s.min() and s.max() < 1.25, s
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
 def test_muon_on_cuda_matches_torch_muon(shape):
     """Both run Newton-Schulz in bfloat16 on CUDA: the updates agree to bfloat16 precision."""
@@ -292,21 +297,28 @@ def test_kv_cache_generation_on_cuda_equals_recompute(exact_matmuls):
         full = m(a[:, :10])
         step = [m(a[:, :4], cache=cache, pos=0)[:, -1]]
         step += [m(a[:, t : t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 10)]
-    torch.testing.assert_close(torch.stack(step[1:], 1), full[:, 4:10], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(step[1:], 1), full[:, 4:10], rtol=1e-4, atol=1e-4)
 
 
-def test_kv_cache_in_bfloat16_matches_the_full_forward():
-    m = _tiny_cuda(dtype=torch.bfloat16)
-    cache = m.new_cache(2)
+def test_kv_cache_in_bfloat16_is_as_accurate_as_recompute(exact_matmuls):
+    """sample.py dtype=bfloat16: the cache holds bfloat16 keys and values; cached decoding strays from the
+    float32 logits no further than a bfloat16 forward pass over the whole sequence does."""
+    m32 = _tiny_cuda()
+    m16 = _tiny_cuda(dtype=torch.bfloat16)
+    cache = m16.new_cache(2)
     assert cache[0].k.dtype == torch.bfloat16 and cache[0].k.device.type == DEVICE
     x = torch.randint(0, 50, (2, 20), device=DEVICE)
     with torch.no_grad():
-        full = m(x).float()
-        step = [m(x[:, :4], cache=cache, pos=0)[:, -1]]
-        step += [m(x[:, t : t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 20)]
-    torch.testing.assert_close(torch.stack(step[1:], 1).float(), full[:, 4:20], rtol=0.05, atol=0.05)
+        exact = m32(x)[:, 4:20]
+        full = m16(x).float()[:, 4:20]
+        step = [m16(x[:, :4], cache=cache, pos=0)[:, -1]]
+        step += [m16(x[:, t : t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 20)]
+    cached = torch.stack(step[1:], 1).float()
+    recompute_error = (full - exact).abs().max().item()
+    assert 0 < recompute_error < 0.1 * exact.abs().max().item()  # bfloat16 rounding, not garbage
+    assert (cached - exact).abs().max().item() <= 2 * recompute_error + 1e-3
     # past block_size the cache is rebuilt (prefill of block // 2 tokens) and decoding goes on
-    out = generate(m, x[:, :5], 100, temperature=0.8, top_k=10, generator=torch.Generator(DEVICE).manual_seed(0))
+    out = generate(m16, x[:, :5], 100, temperature=0.8, top_k=10, generator=torch.Generator(DEVICE).manual_seed(0))
     assert out.shape == (2, 105) and out.device.type == DEVICE and int(out.max()) < 50
 
 
