@@ -66,7 +66,6 @@ class Probe(L.Callback):
         self.matmul_precision = torch.get_float32_matmul_precision()
         self.device = pl_module.device
         self.precision = trainer.precision
-        self.strategy = type(trainer.strategy).__name__
         self.compiled = getattr(pl_module.model, "_compiled_call_impl", None) is not None
         self.backend = pl_module.compile_backend
 
@@ -160,9 +159,35 @@ def test_gpu_preset_allows_tf32(preset_run):
 
 
 def test_gpu_preset_pins_batches(preset_run):
-    """Pinned host memory lets Lightning's non_blocking copy overlap with the GPU's work."""
+    """Pinned host memory lets the non_blocking copy (below) overlap with the GPU's work."""
     assert preset_run.batch_device.type == DEVICE
     assert preset_run.pinned, "the GPU preset's train loader does not pin memory (data.pin_memory)"
+
+
+class CopyCalls(TorchDispatchMode):
+    """The non_blocking flag of every tensor copy to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket is torch.ops.aten._to_copy and "device" in kwargs:
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_batches_are_copied_to_the_gpu_non_blocking():
+    """LanguageModel keeps Lightning's transfer_batch_to_device, which copies with non_blocking=True."""
+    from gptlab.training import LanguageModel
+
+    module = LanguageModel(model=dict(arch="gpt", vocab_size=65, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    batch = (torch.zeros(2, 8, dtype=torch.long).pin_memory(), torch.zeros(2, 8, dtype=torch.long).pin_memory())
+    with CopyCalls() as copies:
+        x, y = module.transfer_batch_to_device(batch, torch.device(DEVICE), 0)
+    assert x.device.type == y.device.type == DEVICE
+    assert copies.non_blocking == [True, True]
 
 
 # -- torch.compile (inductor) ------------------------------------------------------------------------
