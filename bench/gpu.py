@@ -30,9 +30,9 @@ cache on disk makes the later compiles cheap).
     MFU = model.flops_per_token(block) x tokens/s / peak FLOP/s of one GPU at the training dtype
 
 The peak is --peak-flops, else Lightning's table (lightning.fabric.utilities.throughput
-.get_available_flops); its H200 entries are the with-sparsity figures (2x the dense 989 TFLOP/s in
-bf16) and plain "NVIDIA H200" names are not in it: pass --peak-flops there. float32 matmuls may use
-TF32 here (torch.set_float32_matmul_precision("high")), on both sides.
+.get_available_flops), else for a GPU named plainly "NVIDIA H200" (not in that table) the H100 SXM's
+dense 989.4 TFLOP/s in bf16/fp16 (the same chip). float32 matmuls may use TF32 here
+(torch.set_float32_matmul_precision("high")), on both sides.
 
 Writes bench/results/gpu-<device>[-quick].json (or --out).
 """
@@ -344,10 +344,17 @@ def peak_flops(args, device: torch.device, precision: str) -> tuple[float | None
     from lightning.fabric.utilities.throughput import get_available_flops
 
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
-    flops = get_available_flops(device, dtype) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None, "unknown for this device: pass --peak-flops for MFU"
+    name = torch.cuda.get_device_name(device)
+    flops = get_available_flops(device, dtype)
     if flops:
-        return float(flops), f"Lightning's table for {torch.cuda.get_device_name(device)} at {dtype}"
-    return None, "unknown for this device: pass --peak-flops for MFU"
+        return float(flops), f"Lightning's table for {name} at {dtype}"
+    if "h200" in name.lower() and dtype in (torch.bfloat16, torch.float16):
+        # nvidia-smi calls the SXM part plainly "NVIDIA H200", which Lightning's table lacks; it is the
+        # H100 SXM's chip with more memory: the same dense tensor-core rate (NVIDIA's datasheets)
+        return 989.4e12, f"{name}: the H100 SXM's dense {dtype} rate (not in Lightning's table)"
+    return None, f"unknown for {name}: pass --peak-flops for MFU"
 
 
 def main(argv=None) -> dict:
@@ -426,7 +433,8 @@ def main(argv=None) -> dict:
     if "sample" in data:
         s = data["sample"]
         print(f"sampling {s['new_tokens']} tokens ({s['dtype']}): KV cache {s['kv_cache']['tokens_per_s']:,.0f} tok/s, "
-              f"recompute {s['recompute']['tokens_per_s']:,.0f} tok/s: the cache is {s['speedup']:.2f}x faster")
+              f"recompute {s['recompute']['tokens_per_s']:,.0f} tok/s: the cache runs at {s['speedup']:.2f}x the "
+              f"recompute speed")
     print(f"MFU = flops_per_token x tokens/s / peak ({peak_how}); wall {data['wall_s']:.0f}s")
     name = f"gpu-{device.type}" + ("-quick" if q else "")
     out = C.write_results(name, data, args.out)
