@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,6 +113,9 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
     )
+    if trainer.strategy.root_device.type == "cuda":
+        # TF32 tensor cores for float32 matmuls (what mixed precision leaves in float32); CPU runs are untouched
+        torch.set_float32_matmul_precision("high")
     tracking.log_hyperparams(trainer.loggers, cfg)  # not `loggers`: fast_dev_run swaps in a no-op logger
     if trainer.is_global_zero:
         n = module.model.num_params()

@@ -65,9 +65,10 @@ def _check_settings(s: dict[str, Any]) -> None:
         raise bad("num_workers", "must be an integer >= 0 (0: load batches in the training process)")
     if s["prepare_workers"] is not None and (not is_int(s["prepare_workers"]) or s["prepare_workers"] < 1):
         raise bad("prepare_workers", "must be an integer >= 1 (or null: one per CPU, at most 8)")
-    for name in ("verify", "pin_memory"):
-        if not isinstance(s[name], bool):
-            raise bad(name, "must be true or false")
+    if not isinstance(s["verify"], bool):
+        raise bad("verify", "must be true or false")
+    if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
+        raise bad("pin_memory", "must be true, false or null (null: when training on a CUDA GPU)")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -123,7 +124,7 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: int = 0,
         prepare_workers: int | None = None,
         verify: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -234,12 +235,18 @@ class TokenDataModule(L.LightningDataModule):
             stride=self.stride,
         )
 
+    def _pin(self) -> bool:
+        """data.pin_memory, or null: pin when training on a CUDA device (non_blocking copies then overlap)."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_dataset(),
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin(),
             persistent_workers=self.num_workers > 0,
         )
 
@@ -249,7 +256,7 @@ class TokenDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=0,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin(),
         )
 
     # -- sampler state (exact resume) -------------------------------------------------------------

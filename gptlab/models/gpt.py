@@ -129,8 +129,8 @@ class CausalSelfAttention(nn.Module):
         is_causal = mask is None
         if cache is not None:
             k, v = cache.update(pos, k, v)
-            # decoding one token after the prefill: it may look at every cached position
-            is_causal = is_causal and pos == 0
+            if pos > 0:  # decoding after the prefill: the new token may look at every cached position
+                is_causal = False  # (a branch, not `is_causal and pos == 0`: under torch.compile pos is symbolic)
         if attention is None:
             # Flash / memory-efficient attention where the backend has it; the causal mask is implicit
             # (is_causal) unless a sliding-window mask is given

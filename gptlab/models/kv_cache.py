@@ -32,6 +32,7 @@ class KVCache:
             return self.k[:, :, :T], self.v[:, :, :T]
         if T != 1:
             raise ValueError("KV-cache decoding after the prefill takes one token at a time")
-        self.k[:, :, pos % size], self.v[:, :, pos % size] = k[:, :, 0], v[:, :, 0]
+        slot = pos % size  # a slice, not an index: under torch.compile an integer index pins pos's value
+        self.k[:, :, slot : slot + 1], self.v[:, :, slot : slot + 1] = k, v
         n = min(pos + 1, size)
         return self.k[:, :, :n], self.v[:, :, :n]

@@ -98,7 +98,8 @@ class AttentionMaps(L.Callback):
                 or not pl_module.hparams.get("tokenizer") or not isinstance(model, GPT)):
             return
         ids = self._ids(trainer, pl_module)[-min(self.max_tokens, model.config.block_size):]
-        probs = attention_probs(model, torch.tensor([ids], dtype=torch.long, device=pl_module.device))
+        with trainer.precision_plugin.forward_context():  # as validation runs (FSDP keeps bf16 weight copies)
+            probs = attention_probs(model, torch.tensor([ids], dtype=torch.long, device=pl_module.device))
         if not trainer.is_global_zero:
             return
         image = attention_grid(probs, scale=max(1, self.cell_pixels // len(ids)))

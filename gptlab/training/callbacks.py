@@ -41,10 +41,13 @@ class TextSample(L.Callback):
         idx = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
         # every rank generates (a sharded model needs all of them), rank 0 writes
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        out = generate(
-            pl_module.model, idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-            generator=generator,
-        )
+        # under the run's autocast, as validation: FSDP's mixed precision keeps bf16 copies of the
+        # Block weights that float32 activations cannot multiply
+        with trainer.precision_plugin.forward_context():
+            out = generate(
+                pl_module.model, idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                generator=generator,
+            )
         if not trainer.is_global_zero:
             return
         text = tokenizer.decode(out[0].tolist())

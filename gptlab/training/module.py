@@ -162,6 +162,17 @@ class LanguageModel(L.LightningModule):
         scheduler = build_schedule(optimizer, cfg, trainer.max_steps if trainer else None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # FSDP shards the gradients: their norm is one over all shards, which only the FSDP root module
+        # computes (Lightning refuses torch's clip_grad_norm_ under FSDP)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- checkpoint -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from gptlab.tracking import run_ids
