@@ -193,6 +193,8 @@ def finish(loggers: list[Logger], status: str) -> None:
     """Close each tracker's run at the end of a job: `status` is "success" or "failed" (W&B's exit
     code, MLflow's FINISHED/FAILED). A W&B run left open would swallow the next job of a multirun."""
     for logger in loggers:
+        if not _started(logger):
+            continue  # finalize would start it (TensorBoard makes its directory) just to close it
         try:
             logger.finalize(status)
             # `_experiment`: the `experiment` property would start a run just to finish it
@@ -204,6 +206,13 @@ def finish(loggers: list[Logger], status: str) -> None:
                 raise
             # the job's own error is the one to report
             rank_zero_warn(f"{type(logger).__name__} could not be closed: {e}")
+
+
+def _started(logger: Logger) -> bool:
+    """Whether the tracker's run exists yet (e.g. not under fast_dev_run, nor before the first log)."""
+    if isinstance(logger, MLFlowLogger):
+        return bool(getattr(logger, "_initialized", True))
+    return getattr(logger, "_experiment", True) is not None
 
 
 # -- errors --------------------------------------------------------------------------------------

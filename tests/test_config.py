@@ -36,7 +36,8 @@ def compose_train(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
 def test_model_options_compose(name):
     cfg = compose_train([f"model={name}"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config({**model, "vocab_size": model.get("vocab_size") or 65})  # validates every key
+    assert {model.pop(k) for k in ("compile", "init_from")} == {False, None}  # the run switches' defaults
+    model_config({**model, "vocab_size": model.get("vocab_size") or 65})  # validates every other key
 
 
 @pytest.mark.parametrize("name", options("data"))
@@ -116,7 +117,7 @@ def test_every_experiment_composes_and_instantiates(name, data_dir, tmp_path):
     assert cfg.task_name == expected
     validate_train(cfg)
     assert isinstance(hydra.utils.instantiate(cfg.data), TokenDataModule)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("compile", "init_from")}
     model_config({**model, "vocab_size": model.get("vocab_size") or 50257})
     if cfg.trainer.accelerator == "cpu":
         hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)

@@ -136,7 +136,7 @@ def test_compiled_training_checkpoint_loads_uncompiled_and_samples(tmp_path, dat
     assert math.isfinite(value)
     ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = load_checkpoint(ckpt_path)
-    assert ckpt["hyper_parameters"]["model"]["compile"] == "aot_eager"
+    assert "compile" not in ckpt["hyper_parameters"]["model"]  # how it ran is not what it is
     assert not [k for k in ckpt["state_dict"] if COMPILE_PREFIX in k]
     model, _ = model_from_checkpoint(ckpt, ckpt_path)  # strict load into an eager model
     assert not hasattr(model, "_orig_mod")

@@ -33,7 +33,8 @@ def sweep_settings(group: Path, runs: list[Path]) -> tuple[dict[str, Any], list[
 
 
 def is_optuna(sweeper: dict[str, Any]) -> bool:
-    return "optuna" in str(sweeper.get("_target_", "")).lower()
+    target = str(sweeper.get("_target_", ""))
+    return "optuna" in target.lower() or target.endswith(".StudySweeper")  # Hydra's, or gptlab's on top of it
 
 
 def _storage_url(sweeper: dict[str, Any], group: Path, cwd: str | None) -> str | None:
