@@ -58,19 +58,19 @@ WARMUP = 50  # the preset's optim.warmup_steps (Muon)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=int, default=120, help="training time per tokenizer (default: %(default)s)")
+    p.add_argument("--seconds", type=int, default=None, help="training time per tokenizer (default: 120; --quick: 10)")
     p.add_argument("--tokenizers", default=",".join(TOKENIZERS), help="comma-separated, of: " + ", ".join(TOKENIZERS))
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary of the trained BPE (default: %(default)s)")
     p.add_argument("--context-bytes", type=int, default=128,
                    help="bytes of text per window; block_size = this / bytes per token (default: %(default)s)")
-    p.add_argument("--probe-steps", type=int, default=30, help="steps of the step-time probe (default: %(default)s)")
+    p.add_argument("--probe-steps", type=int, default=None, help="steps of the step-time probe (default: 30; --quick: 12)")
     p.add_argument("--no-whole-val", action="store_true", help="skip the whole-validation-split bpb")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s each, 12-step probes")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/bpb.json)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seconds, args.probe_steps = 10, 12
+    args.seconds = args.seconds or (10 if args.quick else 120)
+    args.probe_steps = args.probe_steps or (12 if args.quick else 30)
     if args.seconds < 1 or args.probe_steps < 8:
         p.error("--seconds must be >= 1 and --probe-steps >= 8")
     return args
