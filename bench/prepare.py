@@ -17,7 +17,31 @@ rate; speedup = time(1 worker) / time(N workers). Runs alternate the order from 
     python bench/prepare.py                                   # 10, 100, 1000 MB x 1, 2 workers
     python bench/prepare.py --sizes 1 --workers 1             # smoke test
 
-Writes bench/results/prepare.json (or --out).
+--formats text,jsonl,parquet: input formats at equal text. Tiny Shakespeare is cut into documents of
+about --doc-kb KB at blank lines (paragraph boundaries), repeated to each size (MB of document
+text), and written once per format: "text" as ONE .txt file with the documents joined by a blank
+line (so its bytes are the documents' bytes plus 2 per document; to gptlab it is one document, split
+by characters), "jsonl" as one {"text": ...} line per document, "parquet" as one row per document
+(pyarrow, row groups of --row-group rows, snappy), and optionally "txtdir" as a folder with one .txt
+per document (the same document count as the records, plus one file open per document). One .txt
+is the fair baseline for the reading cost: every format then hands the tokenizer the same text in
+batches of ~1 MB, so the differences are the reading paths (UTF-8 decoding vs JSON parsing vs
+Arrow batches) and the per-document split; a folder of .txt adds per-file filesystem costs.
+Every (size, format) is prepared with --workers (default 2) in a fresh subprocess; MB/s counts
+the documents' text (the same for every format), `x text` = time / time of the .txt.
+
+--bpe-train SIZE_MB: what data.tokenizer=bpe_train data.vocab_size=4096 (--vocab) costs on SIZE_MB
+of tiny Shakespeare repeated: the tokenizer training alone (HF tokenizers on the file's pieces) and
+the whole prepare_corpus (count, train on the training split, encode), each in a subprocess, with
+time and peak RSS. Repeated text has tiny Shakespeare's few unique words at any size, so the
+trainer's word table stays small: a real corpus of that size needs more memory than this shows.
+
+    python bench/prepare.py --formats text,jsonl,parquet --sizes 10,100      # formats at 2 workers
+    python bench/prepare.py --bpe-train 100
+    python bench/prepare.py --formats text,jsonl,parquet --sizes 2           # smoke tests
+    python bench/prepare.py --bpe-train 2
+
+Writes bench/results/prepare.json, prepare_formats.json or prepare_bpe_train.json (or --out).
 """
 
 from __future__ import annotations
@@ -39,15 +63,29 @@ import _common as C
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="10,100,1000", help="corpus sizes in MB (10^6 bytes), comma-separated")
-    p.add_argument("--workers", default="1,2", help="prepare_corpus(workers=...) values to compare, comma-separated")
+    p.add_argument("--sizes", default=None, help="corpus sizes in MB (10^6 bytes), comma-separated "
+                   "(default: 10,100,1000; with --formats 10,100)")
+    p.add_argument("--workers", default=None, help="prepare_corpus(workers=...) values to compare, comma-separated "
+                   "(default: 1,2; with --formats 2)")
     p.add_argument("--repeats", type=int, default=1, help="runs per (size, workers) (default: %(default)s)")
     p.add_argument("--encoding", default="gpt2", help="tiktoken encoding (default: %(default)s)")
+    p.add_argument("--formats", default=None, help="compare input formats instead: text,jsonl,parquet[,txtdir]")
+    p.add_argument("--doc-kb", type=float, default=4.0, help="--formats: document size in KB (default: %(default)s)")
+    p.add_argument("--row-group", type=int, default=1024, help="--formats: Parquet rows per row group (default: %(default)s)")
+    p.add_argument("--bpe-train", type=float, default=None, metavar="SIZE_MB",
+                   help="time training the BPE of --vocab tokens on SIZE_MB of text instead")
+    p.add_argument("--vocab", type=int, default=4096, help="--bpe-train: vocabulary size (default: %(default)s)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary directory goes (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/prepare.json)")
-    p.add_argument("--child", nargs=4, metavar=("CORPUS", "OUT_ROOT", "THREADS", "ENCODING"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/prepare*.json)")
+    p.add_argument("--child", nargs=4, metavar=("CORPUS", "OUT_ROOT", "WORKERS", "TOKENIZER_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--child-train", nargs=2, metavar=("CORPUS", "VOCAB"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.formats and args.bpe_train:
+        p.error("--formats and --bpe-train are separate runs")
+    args.sizes = args.sizes or ("10,100" if args.formats else "10,100,1000")
+    args.workers = args.workers or ("2" if args.formats else "1,2")
+    return args
 
 
 # -- inside the subprocess ----------------------------------------------------------------------------
@@ -66,38 +104,60 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
-def child(corpus: str, out_root: str, workers: str, encoding: str) -> None:
-    import tiktoken
+def peaks(result: dict, workers: int) -> dict:
+    """Memory figures of this process (and its joined workers) into `result`."""
+    result.update(
+        vmhwm_kb=proc_status_kb("VmHWM"),
+        ru_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # kB on Linux
+        workers_max_rss_kb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,  # largest worker
+    )
+    result["total_peak_kb"] = result["vmhwm_kb"] + (workers * result["workers_max_rss_kb"] if workers > 1 else 0)
+    return result
 
+
+def child(corpus: str, out_root: str, workers: str, tokenizer_json: str) -> None:
     from gptlab.data.prepare import prepare_corpus
 
+    spec = json.loads(tokenizer_json)
     t0 = time.perf_counter()
-    tiktoken.get_encoding(encoding)  # cached by tiktoken: prepare_corpus gets this object
+    if spec["kind"] == "bpe":
+        import tiktoken
+
+        tiktoken.get_encoding(spec["encoding"])  # cached by tiktoken: prepare_corpus gets this object
     encoding_load_s = time.perf_counter() - t0
     base_rss_kb = proc_status_kb("VmRSS")
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
-    prepared = prepare_corpus(
-        [Path(corpus)], {"kind": "bpe", "encoding": encoding}, Path(out_root),
-        workers=int(workers), log=lambda *a, **k: None,
-    )
+    prepared = prepare_corpus([Path(corpus)], spec, Path(out_root), workers=int(workers), log=lambda *a, **k: None)
     dt = time.perf_counter() - t0
     result = {
         "time_s": dt,
         "encoding_load_s": encoding_load_s,
         "bytes": prepared.meta["corpus"]["bytes"],
         "chars": prepared.meta["corpus"]["chars"],
+        "documents": prepared.meta["corpus"].get("documents"),
+        "split_by": prepared.meta.get("split", {}).get("by"),
+        "vocab_size": prepared.meta.get("vocab_size"),
         "tokens": sum(prepared.meta["tokens"].values()),
         "tokens_split": prepared.meta["tokens"],
         "base_rss_kb": base_rss_kb,
-        "vmhwm_kb": proc_status_kb("VmHWM"),
-        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # kB on Linux
-        "workers_max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,  # largest worker
         "cpu_s": cpu_seconds() - cpu0,  # this process and its (joined) workers
     }
-    workers = int(workers)
-    result["total_peak_kb"] = result["vmhwm_kb"] + (workers * result["workers_max_rss_kb"] if workers > 1 else 0)
-    print("RESULT " + json.dumps(result), flush=True)
+    print("RESULT " + json.dumps(peaks(result, int(workers))), flush=True)
+
+
+def child_train(corpus: str, vocab: str) -> None:
+    """The tokenizer training of data.tokenizer=bpe_train alone, on every piece of the corpus."""
+    from gptlab.data.corpus import Corpus
+    from gptlab.data.trained_bpe import TrainedBPETokenizer
+
+    base_rss_kb = proc_status_kb("VmRSS")
+    cpu0 = cpu_seconds()
+    t0 = time.perf_counter()
+    tok = TrainedBPETokenizer.train((text for _, text in Corpus([Path(corpus)]).pieces()), int(vocab))
+    result = {"time_s": time.perf_counter() - t0, "vocab_size": tok.vocab_size, "base_rss_kb": base_rss_kb,
+              "bytes": Path(corpus).stat().st_size, "cpu_s": cpu_seconds() - cpu0}
+    print("RESULT " + json.dumps(peaks(result, 1)), flush=True)
 
 
 # -- the driver -------------------------------------------------------------------------------------
@@ -113,8 +173,14 @@ def build_corpus(path: Path, size_bytes: int) -> None:
     # tiny Shakespeare is ASCII, so a cut anywhere is still valid UTF-8
 
 
-def run_child(corpus: Path, out_root: Path, workers: int, encoding: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(corpus), str(out_root), str(workers), encoding]
+def run_child(corpus: Path, out_root: Path, workers: int, tokenizer: dict | str) -> dict:
+    """One prepare_corpus in a fresh subprocess; `tokenizer` is a spec or a tiktoken encoding name."""
+    spec = tokenizer if isinstance(tokenizer, dict) else {"kind": "bpe", "encoding": tokenizer}
+    return run_script(["--child", str(corpus), str(out_root), str(workers), json.dumps(spec)])
+
+
+def run_script(child_args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *child_args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     wall = time.perf_counter() - t0
@@ -123,7 +189,253 @@ def run_child(corpus: Path, out_root: Path, workers: int, encoding: str) -> dict
         raise RuntimeError(f"prepare subprocess failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     res = json.loads(lines[-1][len("RESULT "):])
     res["subprocess_wall_s"] = wall
+    res["peak_rss_mb"] = res["total_peak_kb"] * 1024 / 1e6
     return res
+
+
+# -- --formats: the same documents as .txt, .jsonl, .parquet --------------------------------------
+FORMATS = ("text", "jsonl", "parquet", "txtdir")
+
+
+def shakespeare_documents(doc_bytes: int) -> list[str]:
+    """Tiny Shakespeare cut at blank lines (between speeches) into documents of about `doc_bytes`."""
+    docs, group, size = [], [], 0
+    for paragraph in C.SHAKESPEARE.read_text(encoding="utf-8").split("\n\n"):
+        group.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= doc_bytes:
+            docs.append("\n\n".join(group))
+            group, size = [], 0
+    if group:
+        docs.append("\n\n".join(group))
+    return [d for d in docs if d.strip()]
+
+
+def repeated_documents(docs: list[str], size_bytes: int) -> list[str]:
+    """Whole documents, cycling through `docs`, until their text reaches `size_bytes` (ASCII: chars = bytes)."""
+    out, total, i = [], 0, 0
+    while total < size_bytes:
+        out.append(docs[i % len(docs)])
+        total += len(out[-1])
+        i += 1
+    return out
+
+
+def write_format(fmt: str, docs: list[str], path: Path, row_group: int) -> Path:
+    """`docs` as one corpus of format `fmt` at `path` (+ suffix); returns what data.path would name."""
+    if fmt == "text":
+        path = path.with_suffix(".txt")
+        with open(path, "w", encoding="utf-8") as f:
+            for i, d in enumerate(docs):
+                f.write("\n\n" + d if i else d)
+    elif fmt == "jsonl":
+        path = path.with_suffix(".jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = path.with_suffix(".parquet")
+        schema = pa.schema([("text", pa.string())])
+        with pq.ParquetWriter(path, schema) as w:  # snappy, pyarrow's default
+            for i in range(0, len(docs), row_group):
+                w.write_table(pa.table({"text": docs[i:i + row_group]}, schema=schema), row_group_size=row_group)
+    elif fmt == "txtdir":
+        path.mkdir()
+        width = len(str(len(docs)))
+        for i, d in enumerate(docs):
+            (path / f"{i:0{width}d}.txt").write_text(d, encoding="utf-8")
+    else:
+        raise SystemExit(f"--formats: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return path
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+class Workdir:
+    """The temporary directory of a run, removed at the end (also on errors and Ctrl-C) unless --keep."""
+
+    def __init__(self, args: argparse.Namespace, prefix: str):
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=args.tmp))
+        self.keep = args.keep
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.keep:
+            print(f"[bench] kept {self.path}")
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def start(args: argparse.Namespace, what: str) -> dict:
+    info = C.machine_info(torch_too=False)
+    try:
+        import tiktoken
+
+        info["tiktoken"] = tiktoken.__version__
+    except ImportError:
+        pass
+    print(f"[bench] {C.machine_line(info)}")
+    print(f"[bench] {what}")
+    return info
+
+
+def formats_main(args: argparse.Namespace) -> dict:
+    sizes, formats = C.float_list(args.sizes), [f.strip() for f in args.formats.split(",") if f.strip()]
+    workers_list = C.int_list(args.workers)
+    if "text" not in formats:
+        formats.insert(0, "text")  # the baseline of every ratio
+    info = start(args, f"prepare_corpus(bpe {args.encoding}) of the same documents (~{args.doc_kb:g} KB each) "
+                       f"as {', '.join(formats)}, {sizes} MB of text, workers {workers_list}, {args.repeats} "
+                       f"repeat(s); one subprocess per run")
+    base_docs = shakespeare_documents(int(args.doc_kb * 1000))
+    runs = []
+    with Workdir(args, "gptlab-bench-formats-") as work:
+        for size in sizes:
+            docs = repeated_documents(base_docs, int(size * 1e6))
+            text_bytes = sum(len(d) for d in docs)
+            for rep in range(args.repeats):
+                order = formats if rep % 2 == 0 else formats[::-1]
+                for fmt in order:
+                    free = shutil.disk_usage(work).free
+                    if free < 3 * text_bytes + (100 << 20):
+                        raise SystemExit(f"not enough space in {work}: {free / 1e6:.0f} MB free, need about "
+                                         f"{3 * text_bytes / 1e6:.0f} MB for {size:g} MB (use --tmp)")
+                    t0 = time.perf_counter()
+                    corpus = write_format(fmt, docs, work / f"corpus-{size:g}MB-{fmt}", args.row_group)
+                    written_s = time.perf_counter() - t0
+                    for workers in workers_list:
+                        out_root = work / f"prepared-{size:g}MB-{fmt}-t{workers}-r{rep}"
+                        try:
+                            res = run_child(corpus, out_root, workers, args.encoding)
+                        finally:
+                            shutil.rmtree(out_root, ignore_errors=True)
+                        res.update(size_mb=size, format=fmt, workers=workers, repeat=rep, text_bytes=text_bytes,
+                                   n_docs=len(docs), file_bytes=disk_bytes(corpus), write_s=written_s,
+                                   mb_per_s=text_bytes / 1e6 / res["time_s"])
+                        runs.append(res)
+                        print(f"[bench]   {size:g} MB {fmt}, {workers} worker(s): {res['time_s']:.2f}s, "
+                              f"{res['mb_per_s']:.2f} MB/s of text, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+                    remove(corpus)
+
+    cells = {}
+    for size in sizes:
+        for workers in workers_list:
+            for fmt in formats:
+                rs = [r for r in runs if (r["size_mb"], r["workers"], r["format"]) == (size, workers, fmt)]
+                t = statistics.median(r["time_s"] for r in rs)
+                cells[(size, workers, fmt)] = {
+                    "size_mb": size, "workers": workers, "format": fmt, "time_s": t,
+                    "times_s": [r["time_s"] for r in rs],
+                    "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                    "text_mb": rs[0]["text_bytes"] / 1e6, "file_mb": rs[0]["file_bytes"] / 1e6,
+                    "input_documents": rs[0]["n_docs"], "documents": rs[0]["documents"],
+                    "split_by": rs[0]["split_by"], "tokens": rs[0]["tokens"],
+                    "mb_per_s": rs[0]["text_bytes"] / 1e6 / t,
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                }
+    for c in cells.values():
+        c["x_text"] = c["time_s"] / cells[(c["size_mb"], c["workers"], "text")]["time_s"]
+    rows = [[f"{c['size_mb']:g}", c["format"], c["workers"], f"{c['file_mb']:.1f}", f"{c['documents']:,}",
+             c["split_by"], f"{c['tokens']:,}", f"{c['time_s']:.2f}", f"{c['cpu_s']:.2f}", f"{c['mb_per_s']:.2f}",
+             f"{c['x_text']:.2f}", f"{c['peak_rss_mb']:.0f}"] for c in cells.values()]
+    print()
+    print(C.table(["size MB", "format", "workers", "file MB", "documents", "split by", "tokens", "time s", "CPU s",
+                   "MB/s", "x text", "peak RSS MB"], rows, left=(0, 1, 5)))
+    print("(size and MB/s: MB of document text, the same for every format; file MB: on disk; documents: as "
+          "gptlab counts them (one .txt file is one document); x text = time / time of the .txt; MB = 10^6 bytes)")
+
+    worst = max((c for c in cells.values() if c["format"] != "text"), key=lambda c: c["x_text"], default=None)
+    goals = {}
+    if worst:
+        goals["within_15pct_of_text"] = {"worst": {k: worst[k] for k in ("size_mb", "workers", "format", "x_text")},
+                                         "met": worst["x_text"] <= 1.15}
+    by_size = {s: max(c["peak_rss_mb"] for c in cells.values() if c["size_mb"] == s) for s in sizes}
+    peak = max(by_size.values())
+    growth = by_size[max(sizes)] / by_size[min(sizes)]
+    goals["peak_rss_flat_below_300MB"] = {"peak_rss_mb_by_size": by_size, "growth_largest_vs_smallest": growth,
+                                          "met": peak < 300 and (len(sizes) == 1 or growth <= 1.2),
+                                          "rule": "peak < 300 MB at every size, and at most 20% more at the "
+                                                  "largest size than at the smallest"}
+    print()
+    if worst:
+        g = goals["within_15pct_of_text"]
+        print(f"within 15% of text: worst {worst['format']} at {worst['size_mb']:g} MB, {worst['x_text']:.2f}x "
+              f"-> {'MET' if g['met'] else 'NOT MET'}")
+    g = goals["peak_rss_flat_below_300MB"]
+    print(f"peak RSS flat and < 300 MB: " + ", ".join(f"{v:.0f} MB at {s:g} MB" for s, v in by_size.items())
+          + f" -> {'MET' if g['met'] else 'NOT MET'}")
+    if min(sizes) * 1e6 <= 2 * (1 << 20):
+        print("(a corpus of at most 2 MiB is prepared in one process whatever the workers: one chunk)")
+    data = {"benchmark": "prepare_formats", "args": public_args(args), "machine": info,
+            "machine_after": {"loadavg_1_5_15": C.machine_info(torch_too=False)["loadavg_1_5_15"]},
+            "documents_in_tiny_shakespeare": len(base_docs), "results": list(cells.values()), "goals": goals,
+            "runs": runs}
+    print(f"results: {C.write_results('prepare_formats', data, args.out)}")
+    return data
+
+
+# -- --bpe-train: training the BPE of data.tokenizer=bpe_train ------------------------------------
+def bpe_train_main(args: argparse.Namespace) -> dict:
+    size = args.bpe_train
+    info = start(args, f"data.tokenizer=bpe_train data.vocab_size={args.vocab} on tiny Shakespeare repeated to "
+                       f"{size:g} MB; one subprocess per run")
+    spec = {"kind": "bpe_train", "vocab_size": args.vocab}
+    rows = []
+    with Workdir(args, "gptlab-bench-bpe-train-") as work:
+        size_bytes = int(size * 1e6)
+        free = shutil.disk_usage(work).free
+        if free < 3 * size_bytes + (100 << 20):
+            raise SystemExit(f"not enough space in {work}: {free / 1e6:.0f} MB free, need about "
+                             f"{3 * size_bytes / 1e6:.0f} MB (use --tmp)")
+        corpus = work / f"corpus-{size:g}MB.txt"
+        build_corpus(corpus, size_bytes)
+        for rep in range(args.repeats):
+            res = run_script(["--child-train", str(corpus), str(args.vocab)])
+            res.update(step="train the tokenizer (all the text)", repeat=rep)
+            rows.append(res)
+            print(f"[bench]   training alone: {res['time_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            out_root = work / f"prepared-r{rep}"
+            try:
+                res = run_child(corpus, out_root, 1, spec)
+            finally:
+                shutil.rmtree(out_root, ignore_errors=True)
+            res.update(step="prepare_corpus (count, train on 90%, encode)", repeat=rep)
+            rows.append(res)
+            print(f"[bench]   prepare_corpus: {res['time_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    results = []
+    for step in dict.fromkeys(r["step"] for r in rows):
+        rs = [r for r in rows if r["step"] == step]
+        t = statistics.median(r["time_s"] for r in rs)
+        results.append({"step": step, "size_mb": size, "vocab": args.vocab, "time_s": t,
+                        "cpu_s": statistics.median(r["cpu_s"] for r in rs), "mb_per_s": size_bytes / 1e6 / t,
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "vocab_size": rs[0]["vocab_size"]})
+    print()
+    print(C.table(["step", "size MB", "vocab", "time s", "CPU s", "MB/s", "peak RSS MB"],
+                  [[r["step"], f"{size:g}", r["vocab_size"], f"{r['time_s']:.1f}", f"{r['cpu_s']:.1f}",
+                    f"{r['mb_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}"] for r in results]))
+    print("(CPU s: user + system time, above time s where HF tokenizers runs several threads; repeated text has "
+          "few unique words, so a real corpus of this size needs more memory; MB = 10^6 bytes)")
+    data = {"benchmark": "prepare_bpe_train", "args": public_args(args), "machine": info,
+            "machine_after": {"loadavg_1_5_15": C.machine_info(torch_too=False)["loadavg_1_5_15"]},
+            "results": results, "runs": rows}
+    print(f"results: {C.write_results('prepare_bpe_train', data, args.out)}")
+    return data
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("child")}
 
 
 def main(argv=None) -> dict | None:
@@ -131,6 +443,13 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(*args.child)
         return None
+    if args.child_train:
+        child_train(*args.child_train)
+        return None
+    if args.formats:
+        return formats_main(args)
+    if args.bpe_train:
+        return bpe_train_main(args)
     sizes = C.float_list(args.sizes)
     workers_list = C.int_list(args.workers)
     info = C.machine_info(torch_too=False)
@@ -259,7 +578,7 @@ def main(argv=None) -> dict | None:
 
     data = {
         "benchmark": "prepare",
-        "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "args": public_args(args),
         "machine": info,
         "machine_after": {"loadavg_1_5_15": C.machine_info(torch_too=False)["loadavg_1_5_15"]},
         "results": list(cells.values()),
