@@ -163,24 +163,3 @@ def test_sweep_name_drops_the_fixed_overrides(tmp_path):
     (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
         {"hydra": {"overrides": {"task": ["optim.lr=1e-3,3e-3", "model.n_layer=2,4", "seed=1"]}}}))
     assert sweep_name(job) == "optim.lr=3e-3,model.n_layer=4"
-
-
-def test_study_from_rdb_storage(copy):
-    optuna = pytest.importorskip("optuna")
-    import sqlalchemy
-
-    finish(copy / "0", 2.0)
-    finish(copy / "1", 1.0)
-    url = f"sqlite:///{copy / 'optuna.db'}"
-    try:
-        study = optuna.create_study(storage=url, study_name="gptlab")
-    except AssertionError:
-        pytest.skip(f"optuna {optuna.__version__}'s RDB storage does not work with SQLAlchemy "
-                    f"{sqlalchemy.__version__} (it needs < 2)")
-    study.optimize(lambda t: (t.suggest_float("optim.lr", 1e-4, 1e-2, log=True) - 3e-3) ** 2
-                   + t.suggest_int("model.n_layer", 1, 4), n_trials=6)
-    rep = build_report(copy)
-    assert f"Optuna study read from {url}" in rep.notes
-    assert (copy / "optuna_history.png").stat().st_size > 0
-    assert (copy / "optuna_importance.png").stat().st_size > 0
-    assert math.isfinite(study.best_value)
