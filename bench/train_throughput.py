@@ -219,7 +219,7 @@ def run_raw(spec: Spec, steps: int, warmup: int, compile: bool = False, precisio
             logits = model(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.detach())

@@ -1,21 +1,15 @@
 """Hydra sweeps through train.py: a failing job is recorded and the sweep goes on (basic, joblib and submitit
-launchers), Optuna studies persist in SQLite, continue after a kill and are shared by concurrent sweepers."""
+launchers). Optuna studies: tests/test_studies.py."""
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 
-from conftest import ROOT, SHAKESPEARE, TINY, env_for, run_script
+from conftest import SHAKESPEARE, TINY, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -81,71 +75,3 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
     assert list(job_dirs) == ["0", "1"]
     assert all((j / "DONE").is_file() and (j / "checkpoints" / "last.ckpt").is_file() for j in job_dirs.values())
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))
-
-
-def optuna_args(sweep_dir: Path, n_trials: int, *extra: str) -> list[str]:
-    return ["hparams_search=optuna", f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.params=null",
-            *sweep_args(sweep_dir, *extra)[1:]]
-
-
-def study(sweep_dir: Path) -> optuna.Study:
-    return optuna.load_study(study_name="gptlab", storage=f"sqlite:///{sweep_dir}/optuna.db")
-
-
-def counted(trials) -> list:
-    return [t for t in trials if not t.system_attrs.get("gptlab_killed") and not t.system_attrs.get("gptlab_surplus")]
-
-
-def test_optuna_study_survives_a_diverging_trial(tmp_path, data_dir):
-    sweep_dir = tmp_path / "optuna"
-    proc = run_script("train.py", optuna_args(sweep_dir, 4, f"optim.lr=choice({DIVERGE},{FINE})", "seed=7"),
-                      data_dir, check=False)
-    trials = study(sweep_dir).trials
-    states = sorted(t.state.name for t in trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"], states  # seed 7 draws each value twice
-    assert proc.returncode == 1 and "4 jobs: 2 finished, 2 failed" in proc.stderr, proc.stderr[-3000:]
-    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert results["best_params"] == {"optim.lr": float(FINE)} and math.isfinite(results["best_value"])
-    job_dirs = jobs(sweep_dir)
-    assert sorted(job_dirs) == [str(t.number) for t in trials]  # job directories are named by trial
-    assert_failed_and_finished(job_dirs)
-
-
-def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir):
-    sweep_dir = tmp_path / "resumed"
-    args = [str(ROOT / "train.py"), *optuna_args(sweep_dir, 3, "optim.lr=tag(log,interval(1e-4,3e-3))",
-                                                 "trainer.max_steps=6", "trainer.val_check_interval=3")]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env_for(data_dir),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (sweep_dir / "1" / ".hydra").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
-    before = {t.number: t.state.name for t in study(sweep_dir).trials}
-    assert before[0] == "COMPLETE" and before[1] == "RUNNING"
-
-    rerun = subprocess.run([sys.executable, *args], cwd=ROOT, env=env_for(data_dir), capture_output=True, text=True,
-                           timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    trials = study(sweep_dir).trials
-    assert trials[0].state.name == "COMPLETE" and trials[0].params == study(sweep_dir).trials[0].params
-    assert trials[1].state.name == "FAIL" and trials[1].system_attrs["gptlab_killed"]  # not counted
-    done = counted(trials)
-    assert [t.state.name for t in done] == ["COMPLETE"] * 3  # n_trials is the study's total
-    assert len({t.number for t in done}) == 3 and all((sweep_dir / str(t.number) / "DONE").is_file() for t in done)
-
-
-def test_two_sweepers_share_one_study(tmp_path, data_dir):
-    sweep_dir = tmp_path / "shared"
-    args = [sys.executable, str(ROOT / "train.py"), *optuna_args(sweep_dir, 4, "optim.lr=tag(log,interval(1e-4,3e-3))")]
-    procs = [subprocess.Popen(args + [f"hydra.job.name=sweeper{i}"], cwd=ROOT, env=env_for(data_dir),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
-    done = counted(study(sweep_dir).trials)
-    assert [t.state.name for t in done] == ["COMPLETE"] * 4  # the budget was split, not doubled
-    owners = {t.system_attrs["gptlab_owner"].rsplit("-", 1)[0] for t in done}
-    assert len(owners) == 2, "one sweeper ran every trial"
-    assert all((sweep_dir / str(t.number) / "DONE").is_file() for t in done)

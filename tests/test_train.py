@@ -96,12 +96,11 @@ def _one_line_error(proc, *needles):
 
 
 def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, data_dir):
-    for args, needle in ((["model.n_embd=100", "model.n_head=3"], "model.n_embd=100"),
-                         (["trainer.max_steps=abc"], "trainer.max_steps='abc'")):
-        run_dir = tmp_path / "run"
-        proc = run_script("train.py", train_args(run_dir, *args), data_dir, check=False)
-        _one_line_error(proc, needle)
-        assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
+    """(Each kind of bad value is tested in-process, test_config.py; this is the command line's side.)"""
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", train_args(run_dir, "trainer.max_steps=abc"), data_dir, check=False)
+    _one_line_error(proc, "trainer.max_steps='abc': expected an integer")
+    assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
 
 
 def test_sample_py_runs_and_reports_mistakes_in_one_line(trained_run, data_dir, tmp_path):

@@ -21,7 +21,7 @@ import yaml
 
 from gptlab.errors import ConfigError
 # the DONE / FAILED markers at the top of a run directory belong to gptlab.jobs, which writes them
-from gptlab.jobs import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401 (re-exported)
+from gptlab.jobs import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401  (re-exported for gptlab.report)
 
 Curve = list[tuple[int, float]]
 
