@@ -1,7 +1,8 @@
 """Shared test fixtures: the test corpus, found as gptlab finds it, and helpers to run the entry points.
 
 The corpus (tiny Shakespeare) comes from, in order: $GPTLAB_TEST_DATA (a directory holding
-tinyshakespeare.txt and optionally tiktoken_cache/), ../shared/data/ beside the checkout, or gptlab's
+tinyshakespeare.txt and optionally tiktoken_cache/), ../shared/data/ beside the checkout, .gpu/data/
+(the GPU kit's copy), or gptlab's
 own cache ($GPTLAB_DATA_DIR or ~/.cache/gptlab), filled once through gptlab's download (sha256-checked).
 tiktoken's GPT-2 files come from a tiktoken_cache/ beside the corpus, else from tiktoken's own cache
 or download.
@@ -9,6 +10,7 @@ or download.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _find_corpus() -> tuple[Path | None, str | None]:
     """(the corpus, None) or (None, why it could not be had)."""
-    for d in (os.environ.get("GPTLAB_TEST_DATA"), ROOT.parent / "shared" / "data"):
+    # (.gpu/data: where the GPU check kit lays the corpus on the machine it runs on)
+    for d in (os.environ.get("GPTLAB_TEST_DATA"), ROOT.parent / "shared" / "data", ROOT / ".gpu" / "data"):
         if d and (Path(d) / "tinyshakespeare.txt").is_file():
             return Path(d) / "tinyshakespeare.txt", None
     from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
@@ -51,6 +54,18 @@ TINY = [
     "callbacks.text_sample.max_new_tokens=20",
     "~callbacks.progress_bar",
 ]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Two workers by default where pytest-xdist is installed (`-n 0` for one process): the suite
+    spends most of its time in subprocesses, each a fresh Python importing torch and Lightning, and
+    those run side by side on two cores. Modules stay whole (their fixtures are built once)."""
+    worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
+    if not worker and importlib.util.find_spec("xdist") is not None and getattr(config.option, "numprocesses", None) is None:
+        config.option.numprocesses = 2
+        if getattr(config.option, "dist", "no") == "no":
+            config.option.dist = "loadscope"
 
 
 def pytest_configure(config):
