@@ -127,18 +127,22 @@ class _Plan:
 
 
 def _batches(items, limit: int) -> Iterator[tuple[str, list]]:
-    """Consecutive items of one split grouped into batches of about `limit` characters (one task for
-    an encoding worker: many small documents travel together)."""
-    split, batch, size = None, [], 0
-    for name, item in items:
-        if batch and (name != split or size >= limit):
-            yield split, batch
-            batch, size = [], 0
-        split = name
+    """Items grouped into batches of about `limit` characters per split (one task for an encoding
+    worker: many small documents travel together). Each split fills its own batch, so a document split,
+    which interleaves the splits document by document, still makes few large tasks; the order within
+    a split, all its token file depends on, is kept."""
+    pending: dict[str, tuple[list, int]] = {}
+    for split, item in items:
+        batch, size = pending.get(split, ([], 0))
         batch.append(item)
         size += len(item)
-    if batch:
-        yield split, batch
+        if size >= limit:
+            yield split, batch
+            batch, size = [], 0
+        pending[split] = (batch, size)
+    for split, (batch, _) in pending.items():
+        if batch:
+            yield split, batch
 
 
 def prepare_corpus(

@@ -91,7 +91,21 @@ def read_jsonl(path: Path, field: str, advance: Advance) -> Iterator[str]:
         advance(raw.tell() - done)
 
 
+try:  # 3-5x faster than the standard library's parser, which is most of a JSONL file's reading time
+    from orjson import loads as _fast_loads
+except ImportError:
+    _fast_loads = None
+
+
 def _record_text(line: bytes, path: Path, lineno: int, field: str) -> str:
+    record = None
+    if _fast_loads is not None:
+        try:
+            record = _fast_loads(line)
+        except ValueError:
+            pass  # the standard parser below says exactly what is wrong
+    if isinstance(record, dict) and isinstance(record.get(field), str):
+        return record[field]
     where = f"{path} line {lineno}"
     try:
         record = json.loads(line.decode("utf-8"))
@@ -122,11 +136,17 @@ def read_parquet(path: Path, field: str, advance: Advance) -> Iterator[str]:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{path}: column {field!r} is {kind}, not text; set data.text_field")
     size, rows = path.stat().st_size, max(1, pf.metadata.num_rows)
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
-        for text in batch.column(0).to_pylist():
+    # Arrow's allocator keeps freed buffers for reuse; handing them back after each batch keeps this
+    # process (and the encoding workers forked from it) at one batch's memory, however big the file
+    pool = pa.default_memory_pool()
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field], use_threads=False):
+        texts = batch.column(0).to_pylist()
+        del batch
+        pool.release_unused()
+        for text in texts:
             if text:
                 yield text
-        advance(size * batch.num_rows // rows)
+        advance(size * len(texts) // rows)
 
 
 # -- Hugging Face datasets ------------------------------------------------------------------------
