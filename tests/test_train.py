@@ -108,3 +108,21 @@ def test_sample_py_runs_and_reports_mistakes_in_one_line(trained_run, data_dir, 
                                     "max_new_tokens=12", "prompt=ROMEO:", "device=cpu"], data_dir)
     assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.split("\n---------------\n")[0]) == 6 + 12
     _one_line_error(run_script("sample.py", [], data_dir, check=False), "no checkpoint: pass ckpt_path=")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("temperature=abc", "temperature='abc': expected a number"),
+    ("top_k=0", "top_k=0: must be >= 1"),
+    ("device=cuda:7", "device=cuda:7: this machine has"),
+    ("prompt=FILE:{latin1}", "is not UTF-8 text (byte offset 3)"),
+    ("prompt=FILE:{missing}", "prompt file not found"),
+])
+def test_sample_mistakes_are_one_line(trained_run, tmp_path, override, message):
+    from gptlab.errors import GptlabError
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1") + b"\xff")
+    override = override.format(latin1=latin1, missing=tmp_path / "nope.txt")
+    with pytest.raises(GptlabError) as info:
+        run_sample([f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "max_new_tokens=4", override])
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -55,8 +55,9 @@ class TrainedBPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              batch: int = 1000) -> TrainedBPETokenizer:
-        """Train on the stream `texts` (consumed once, `batch` texts at a time: never all in memory)."""
+              batch_chars: int = 1 << 22) -> TrainedBPETokenizer:
+        """Train on the stream `texts`, consumed once in groups of about `batch_chars` characters
+        (pieces of a corpus are up to a megabyte each: a group counted in texts could hold gigabytes)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         specials = check_bpe_training(vocab_size, special_tokens)
@@ -67,12 +68,13 @@ class TrainedBPETokenizer:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
         def batches():
-            group = []
+            group, size = [], 0
             for text in texts:
                 group.append(text)
-                if len(group) == batch:
+                size += len(text)
+                if size >= batch_chars:
                     yield group
-                    group = []
+                    group, size = [], 0
             if group:
                 yield group
 
