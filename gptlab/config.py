@@ -2,7 +2,7 @@
 ranges below, before a run reads data or writes anything, so a wrong value is one line naming the key.
 
 The types come from the code itself: a node with a `_target_` is checked against the signature of
-what it instantiates (TokenDataModule, lightning.Trainer, ...); `model` against its architecture's
+what it instantiates (TokenDataModule, lightning.Trainer, every callback and logger, ...); `model` against its architecture's
 config dataclass; `optim` against OptimConfig. Only the ranges are written down here.
 """
 
@@ -31,6 +31,9 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "trainer.accumulate_grad_batches": (1, None, True), "trainer.log_every_n_steps": (1, None, True),
     "trainer.gradient_clip_val": (0.0, None, True), "trainer.num_nodes": (1, None, True),
     "trainer.num_sanity_val_steps": (-1, None, True),
+    "callbacks.text_sample.max_new_tokens": (1, None, True), "callbacks.attention_maps.max_tokens": (1, None, True),
+    "callbacks.attention_maps.every_n_validations": (1, None, True), "callbacks.attention_maps.cell_pixels": (1, None, True),
+    "callbacks.throughput.window_size": (1, None, True),
     "max_new_tokens": (1, None, True), "num_samples": (1, None, True), "temperature": (0.0, None, True),
     "top_k": (1, None, True), "top_p": (0.0, 1.0, False),
 }
@@ -137,6 +140,10 @@ def validate_train(cfg: DictConfig) -> None:
         node = container.get(group)
         if isinstance(node, Mapping) and "_target_" in node:
             check_target(node, f"{group}.")
+    for group in ("callbacks", "logger"):  # groups of named entries, each instantiated on its own
+        for name, node in (container.get(group) or {}).items():
+            if isinstance(node, Mapping) and "_target_" in node:
+                check_target(node, f"{group}.{name}.")
     for key in ("seed",):
         check(key, container.get(key), int)
 

@@ -150,6 +150,8 @@ BAD = [
     ("model.n_layer=2.5", "model.n_layer=2.5: expected an integer"),
     ("seed=abc", "seed='abc': expected an integer"),
     ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]: need two values in [0, 1)"),
+    ("callbacks.text_sample.max_new_tokens=abc", "callbacks.text_sample.max_new_tokens='abc': expected an integer"),
+    ("callbacks.attention_maps.max_tokens=0", "callbacks.attention_maps.max_tokens=0: must be >= 1"),
 ]
 
 

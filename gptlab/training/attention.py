@@ -77,10 +77,7 @@ class AttentionMaps(L.Callback):
         cell_pixels: int = 96,
         tag: str = "attention",
     ):
-        for name, value in (("max_tokens", max_tokens), ("every_n_validations", every_n_validations),
-                            ("cell_pixels", cell_pixels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"callbacks.attention_maps.{name}={value!r}: must be a positive integer")
+        # (the config schema, gptlab/config.py, checks these values before a run starts)
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.every_n_validations = every_n_validations
