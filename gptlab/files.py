@@ -116,6 +116,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=2)
 
 
+def json_object(raw: bytes | str, where: str, error: type[GptlabError], what: str = "a JSON object") -> dict[str, Any]:
+    """`raw` parsed as a JSON object, or one `error` line: `where` is not UTF-8 / not JSON / not an object."""
+    try:
+        obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except UnicodeDecodeError as e:
+        raise error(f"{where} is not valid UTF-8 (byte {e.start})") from None
+    except ValueError as e:
+        raise error(f"{where} is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where} is a JSON {type(obj).__name__}, not {what}") from None
+    return obj
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

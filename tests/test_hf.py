@@ -519,7 +519,7 @@ def test_unreadable_sources_give_clear_errors(tmp_path, small_hf):
     with pytest.raises(CheckpointError, match="no config.json"):
         read_hf(empty)
     (empty / "config.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="must hold a JSON object, not a JSON list"):
+    with pytest.raises(CheckpointError, match="is a JSON list, not a JSON object"):
         read_hf(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", **dict(SMALL)}))
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gptlab.errors import DataError
+from gptlab.files import json_object
 
 Advance = Callable[[int], None]
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -107,14 +107,7 @@ def _record_text(line: bytes, path: Path, lineno: int, field: str) -> str:
     if isinstance(record, dict) and isinstance(record.get(field), str):
         return record[field]
     where = f"{path} line {lineno}"
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where} is not valid UTF-8 (byte {e.start} of the line)") from None
-    except ValueError as e:
-        raise DataError(f"{where} is not JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field")
+    record = json_object(line, where, DataError, f"an object with a {field!r} field")
     if field not in record:
         raise DataError(f"{where} has no field {field!r} (its fields: {sorted(record)}); set data.text_field")
     return _text(record[field], where, field)

@@ -9,7 +9,6 @@ architecture; the key names are left as the files have them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from gptlab.errors import CheckpointError
+from gptlab.files import json_object
 
 INSTALL_HINT = 'install the Hugging Face extra: pip install -e ".[hf]"'
 # what a download fetches: config, weights and the tokenizer files gptlab can judge
@@ -66,14 +66,10 @@ def resolve_dir(path_or_id: str | os.PathLike) -> Path:
 
 def read_json(file: Path, what: str = "a JSON object") -> dict[str, Any]:
     try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
+        raw = file.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read {file}: {e.strerror}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{file} must hold {what}, not a JSON {type(obj).__name__}")
-    return obj
+    return json_object(raw, str(file), CheckpointError, what)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
