@@ -18,6 +18,8 @@ from gptlab.errors import CheckpointError
 from conftest import ROOT, SHAKESPEARE, TINY, env_for, read_scalars, run_script, train_args
 from inprocess import run_train
 
+pytestmark = pytest.mark.slow  # a SIGKILL'd train.py subprocess and its resume
+
 RESUME_ARGS = ["model.dropout=0.1", "trainer.max_steps=40", "trainer.val_check_interval=8",
                "callbacks.periodic_checkpoint.every_n_train_steps=4", "callbacks.periodic_checkpoint.save_top_k=-1"]
 

@@ -95,6 +95,7 @@ def _one_line_error(proc, *needles):
         assert needle in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, data_dir):
     """(Each kind of bad value is tested in-process, test_config.py; this is the command line's side.)"""
     run_dir = tmp_path / "run"
@@ -103,6 +104,7 @@ def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, da
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
 
 
+@pytest.mark.slow
 def test_sample_py_runs_and_reports_mistakes_in_one_line(trained_run, data_dir, tmp_path):
     proc = run_script("sample.py", [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=1",
                                     "max_new_tokens=12", "prompt=ROMEO:", "device=cpu"], data_dir)
