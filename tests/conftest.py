@@ -65,7 +65,7 @@ def pytest_cmdline_main(config):
     if not worker and importlib.util.find_spec("xdist") is not None and getattr(config.option, "numprocesses", None) is None:
         config.option.numprocesses = 2
         if getattr(config.option, "dist", "no") == "no":
-            config.option.dist = "loadscope"
+            config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(session, config, items):

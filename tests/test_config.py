@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data import TokenDataModule
-from gptlab.errors import ConfigError, GptlabError
+from gptlab.errors import GptlabError
 from gptlab.models import model_config
 from gptlab.models.gpt import Block
 

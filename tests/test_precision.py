@@ -45,10 +45,10 @@ def hparams_plugin(tb_dir: Path) -> dict:
 def bf16_accum_run(tmp_path_factory, data_dir) -> Path:
     """bf16-mixed autocast on CPU with 2 accumulated micro-batches per optimizer step."""
     run_dir = tmp_path_factory.mktemp("bf16") / "run"
-    run_script(
-        "train.py",
-        train_args(
-            run_dir,
+    run_train(
+        [
+            f"data.path={SHAKESPEARE}",
+            *TINY,
             "trainer=cpu",
             "trainer.precision=bf16-mixed",
             "trainer.accumulate_grad_batches=2",
@@ -59,8 +59,8 @@ def bf16_accum_run(tmp_path_factory, data_dir) -> Path:
             "optim.min_lr=1e-4",
             "callbacks.throughput.window_size=2",
             f"callbacks.throughput.available_flops={PEAK}",
-        ),
-        data_dir,
+        ],
+        run_dir,
     )
     return run_dir
 

@@ -4,7 +4,6 @@ job statuses from the DONE / FAILED markers, CSV-logger runs, an outputs directo
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import subprocess
 import sys

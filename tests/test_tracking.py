@@ -193,25 +193,3 @@ def test_resume_into_another_mlflow_store_is_one_line(tmp_path):
                                 trackers={"mlflow": "0" * 32})
     with pytest.raises(ConfigError, match=r"^logger.mlflow: the run 0{32} this checkpoint continues is not in sqlite:"):
         tracking.build_loggers(cfg, "run", elsewhere)
-
-
-@pytest.mark.slow
-def test_multirun_jobs_get_runs_of_their_own(tmp_path, data_dir):
-    """`-m seed=1,2` in one process: finish() between jobs, so W&B and MLflow get one run per job,
-    each named by its own overrides."""
-    from conftest import run_script
-    from mlflow.tracking import MlflowClient
-
-    sweep = tmp_path / "sweep"
-    args = ["-m", f"data.path={SHAKESPEARE}", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "~callbacks.text_sample", "logger=[wandb,mlflow]", f"paths.log_dir={tmp_path}",
-            f"hydra.sweep.dir={sweep}", "seed=1,2"]
-    run_script("train.py", args, data_dir, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    jobs = [wandb_runs(sweep / str(n)) for n in (0, 1)]
-    assert [len(j) for j in jobs] == [1, 1] and jobs[0][0]["id"] != jobs[1][0]["id"]
-    assert [j[0]["name"].split(",")[-1] for j in jobs] == ["seed=1", "seed=2"]
-    assert [j[0]["exit_code"] for j in jobs] == [0, 0]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("gptlab").experiment_id])
-    assert sorted(r.info.run_name.split(",")[-1] for r in runs) == ["seed=1", "seed=2"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
