@@ -105,10 +105,8 @@ def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, da
 
 
 @pytest.mark.slow
-def test_sample_py_runs_and_reports_mistakes_in_one_line(trained_run, data_dir, tmp_path):
-    proc = run_script("sample.py", [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=1",
-                                    "max_new_tokens=12", "prompt=ROMEO:", "device=cpu"], data_dir)
-    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.split("\n---------------\n")[0]) == 6 + 12
+def test_sample_py_reports_a_mistake_in_one_line(data_dir):
+    """(Sampling itself runs in-process above; this is the command line's side.)"""
     _one_line_error(run_script("sample.py", [], data_dir, check=False), "no checkpoint: pass ckpt_path=")
 
 
