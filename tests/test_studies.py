@@ -87,3 +87,13 @@ def test_two_sweepers_share_one_study(tmp_path, data_dir):
     owners = {t.system_attrs["gptlab_owner"].rsplit("-", 1)[0] for t in done}
     assert len(owners) == 2, "one sweeper ran every trial"
     assert all((sweep_dir / str(t.number) / "DONE").is_file() for t in done)
+
+
+def test_a_study_given_a_run_directory_says_to_give_a_sweep_directory(tmp_path, data_dir):
+    """hparams_search=optuna is a multirun by itself: hydra.run.dir would be ignored, so it is refused."""
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", ["hparams_search=optuna", f"hydra.run.dir={run_dir}"], data_dir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"Error: this is a sweep (multirun): hydra.run.dir={run_dir} is not used; give hydra.sweep.dir=<dir> instead" \
+        in proc.stderr.splitlines()
+    assert not run_dir.exists()
