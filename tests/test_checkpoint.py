@@ -157,6 +157,8 @@ def test_checkpoint_with_compile_prefixes_loads(tmp_path, layout):
     model, _ = model_from_checkpoint(checkpoint.load(path), path)
     for name, tensor in eager.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+    x = torch.randint(0, 65, (2, 8))
+    assert torch.equal(model.eval()(x), eager.eval()(x))
 
 
 class PoisonWeights(L.Callback):

@@ -156,26 +156,3 @@ def test_compile_true_with_inductor(tmp_path, data_dir):
     assert not [k for k in load_checkpoint(ckpt_path)["state_dict"] if COMPILE_PREFIX in k]
     run_script("sample.py", [f"ckpt_path={ckpt_path}", "compile=true", "max_new_tokens=5", "num_samples=1"],
                data_dir, timeout=900)
-
-
-@pytest.mark.parametrize("layout", ["model._orig_mod.", "_orig_mod.model."])
-def test_checkpoint_with_compile_prefixes_loads(tmp_path, layout):
-    """A state dict saved from a torch.compile'd module (keys `..._orig_mod.x`) in a Lightning-style
-    checkpoint loads into an eager model."""
-    eager = build_model(TINY_MODEL)
-    compiled = torch.compile(eager)  # the wrapper, as `self.model = torch.compile(self.model)` leaves it
-    state = compiled.state_dict()
-    assert all(k.startswith(COMPILE_PREFIX) for k in state)
-    if layout == "model._orig_mod.":
-        state_dict = {f"model.{k}": v for k, v in state.items()}
-    else:  # the whole LightningModule compiled
-        state_dict = {f"{COMPILE_PREFIX}model.{k[len(COMPILE_PREFIX):]}": v for k, v in state.items()}
-    path = tmp_path / "compiled.ckpt"
-    torch.save({"state_dict": state_dict, "hyper_parameters": {"model": {**TINY_MODEL, "compile": True}},
-                "global_step": 0}, path)
-    model, hparams = model_from_checkpoint(load_checkpoint(path), path)
-    assert hparams["model"]["compile"] is True
-    for name, tensor in eager.state_dict().items():
-        assert torch.equal(model.state_dict()[name], tensor), name
-    x = torch.randint(0, 65, (2, T))
-    assert torch.equal(model.eval()(x), eager.eval()(x))
