@@ -60,26 +60,21 @@ TINY = [
 def pytest_cmdline_main(config):
     """Two workers by default where pytest-xdist is installed (`-n 0` for one process): the suite
     spends most of its time in subprocesses, each a fresh Python importing torch and Lightning, and
-    those run side by side on two cores. Tests are dealt out one by one, except modules that share a
-    module-scoped fixture (see below)."""
+    those run side by side on two cores. Work stealing balances the two (a module's fixtures may then
+    be built on both)."""
     worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
     if not worker and importlib.util.find_spec("xdist") is not None and getattr(config.option, "numprocesses", None) is None:
         config.option.numprocesses = 2
         if getattr(config.option, "dist", "no") == "no":
-            config.option.dist = "loadgroup"
+            config.option.dist = "worksteal"
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    """Modules with slow tests (subprocesses, sweeps) first, so that the long ones start at once and
-    the quick ones fill in around them; and a module whose tests share a module-scoped fixture (a DDP
-    run, a sweep) stays on one xdist worker, so the fixture is built once (`--dist loadgroup`)."""
+    """Modules with slow tests (subprocesses, sweeps) first: with two workers taking whole modules, the
+    long ones start at once and the quick ones fill in around them, instead of one long module ending
+    the run alone."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: the order within stays
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def pytest_configure(config):
