@@ -60,13 +60,13 @@ TINY = [
 def pytest_cmdline_main(config):
     """Two workers by default where pytest-xdist is installed (`-n 0` for one process): the suite
     spends most of its time in subprocesses, each a fresh Python importing torch and Lightning, and
-    those run side by side on two cores. Work stealing balances the two (a module's fixtures may then
-    be built on both)."""
+    those run side by side on two cores. A module goes to one worker whole, so its module-scoped
+    fixtures (a DDP run, a sweep) are built once."""
     worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
     if not worker and importlib.util.find_spec("xdist") is not None and getattr(config.option, "numprocesses", None) is None:
         config.option.numprocesses = 2
         if getattr(config.option, "dist", "no") == "no":
-            config.option.dist = "worksteal"
+            config.option.dist = "loadscope"
 
 
 def pytest_collection_modifyitems(session, config, items):
