@@ -9,6 +9,11 @@ GPT2 = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768
 
 
 def test_gpt2_124m_parameter_counts():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        _check_gpt2_counts()
+
+
+def _check_gpt2_counts():
     tied = build_model({**GPT2, "qkv_bias": False})
     assert tied.num_params() == 124_412_160
     untied = build_model({**GPT2, "qkv_bias": False, "tie_weights": False})
@@ -109,7 +114,8 @@ def test_module_compile_keeps_parameter_names():
 
 
 def test_flops_per_token():
-    m = build_model({**GPT2, "qkv_bias": True})
+    with torch.device("meta"):
+        m = build_model({**GPT2, "qkv_bias": True})
     n = m.num_params(non_embedding=True)
     assert m.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
 
