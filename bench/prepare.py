@@ -374,7 +374,7 @@ def formats_main(args: argparse.Namespace) -> dict:
         print(f"within 15% of text: worst {worst['format']} at {worst['size_mb']:g} MB, {worst['x_text']:.2f}x "
               f"-> {'MET' if g['met'] else 'NOT MET'}")
     g = goals["peak_rss_flat_below_300MB"]
-    print(f"peak RSS flat and < 300 MB: " + ", ".join(f"{v:.0f} MB at {s:g} MB" for s, v in by_size.items())
+    print("peak RSS flat and < 300 MB: " + ", ".join(f"{v:.0f} MB at {s:g} MB" for s, v in by_size.items())
           + f" -> {'MET' if g['met'] else 'NOT MET'}")
     if min(sizes) * 1e6 <= 2 * (1 << 20):
         print("(a corpus of at most 2 MiB is prepared in one process whatever the workers: one chunk)")
@@ -452,16 +452,8 @@ def main(argv=None) -> dict | None:
         return bpe_train_main(args)
     sizes = C.float_list(args.sizes)
     workers_list = C.int_list(args.workers)
-    info = C.machine_info(torch_too=False)
-    try:
-        import tiktoken
-
-        info["tiktoken"] = tiktoken.__version__
-    except ImportError:
-        pass
-    print(f"[bench] {C.machine_line(info)}")
-    print(f"[bench] prepare_corpus(bpe {args.encoding}) on tiny Shakespeare repeated to {sizes} MB, "
-          f"workers {workers_list}, {args.repeats} repeat(s); one subprocess per run")
+    info = start(args, f"prepare_corpus(bpe {args.encoding}) on tiny Shakespeare repeated to {sizes} MB, "
+                       f"workers {workers_list}, {args.repeats} repeat(s); one subprocess per run")
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gptlab-bench-prepare-", dir=args.tmp))
     runs = []
