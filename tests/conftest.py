@@ -65,6 +65,9 @@ def pytest_cmdline_main(config):
     worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
     if not worker and importlib.util.find_spec("xdist") is not None and getattr(config.option, "numprocesses", None) is None:
         config.option.numprocesses = 2
+        # one thread per process: two workers (and their subprocesses) already fill the two cores, and
+        # OpenMP threads of several processes fighting over them spin instead of working
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         if getattr(config.option, "dist", "no") == "no":
             config.option.dist = "loadscope"
 
