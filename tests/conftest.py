@@ -137,7 +137,10 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    # by step: event files are read in name order, and the names of two in-process runs started within
+    # the same second (a run and its resume in one test) may sort either way; a step logged twice stays twice
+    return {tag: sorted(((e.step, e.value) for e in ea.Scalars(tag)), key=lambda sv: sv[0])
+            for tag in ea.Tags()["scalars"]}
 
 
 def read_texts(tb_dir: Path) -> list[tuple[int, str]]:
