@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,13 @@ from gptlab.hf.gpt2 import copy_into, hf_config_to_model_cfg, to_gptlab_state  #
 from gptlab.hf.weights import read_config, read_state, resolve_dir  # noqa: E402
 from gptlab.models import build_model  # noqa: E402
 from gptlab.sampling import generate  # noqa: E402
+from conftest import SHAKESPEARE  # noqa: E402
 from inprocess import run_sample, run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
-SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+# where tiktoken keeps its files (conftest points TIKTOKEN_CACHE_DIR at the test data's copy when there is one)
+TIKTOKEN_CACHE = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                      or Path(tempfile.gettempdir()) / "data-gym-cache")
 CHARS = "abcdefgh \n"  # a char tokenizer small enough for every random model here
 
 
