@@ -174,9 +174,13 @@ def build_corpus(path: Path, size_bytes: int) -> None:
 
 
 def run_child(corpus: Path, out_root: Path, workers: int, tokenizer: dict | str) -> dict:
-    """One prepare_corpus in a fresh subprocess; `tokenizer` is a spec or a tiktoken encoding name."""
+    """One prepare_corpus in a fresh subprocess into `out_root`, removed afterwards; `tokenizer` is a
+    spec or a tiktoken encoding name."""
     spec = tokenizer if isinstance(tokenizer, dict) else {"kind": "bpe", "encoding": tokenizer}
-    return run_script(["--child", str(corpus), str(out_root), str(workers), json.dumps(spec)])
+    try:
+        return run_script(["--child", str(corpus), str(out_root), str(workers), json.dumps(spec)])
+    finally:
+        shutil.rmtree(out_root, ignore_errors=True)
 
 
 def run_script(child_args: list[str]) -> dict:
@@ -317,10 +321,7 @@ def formats_main(args: argparse.Namespace) -> dict:
                     written_s = time.perf_counter() - t0
                     for workers in workers_list:
                         out_root = work / f"prepared-{size:g}MB-{fmt}-t{workers}-r{rep}"
-                        try:
-                            res = run_child(corpus, out_root, workers, args.encoding)
-                        finally:
-                            shutil.rmtree(out_root, ignore_errors=True)
+                        res = run_child(corpus, out_root, workers, args.encoding)
                         res.update(size_mb=size, format=fmt, workers=workers, repeat=rep, text_bytes=text_bytes,
                                    n_docs=len(docs), file_bytes=disk_bytes(corpus), write_s=written_s,
                                    mb_per_s=text_bytes / 1e6 / res["time_s"])
@@ -407,10 +408,7 @@ def bpe_train_main(args: argparse.Namespace) -> dict:
             rows.append(res)
             print(f"[bench]   training alone: {res['time_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             out_root = work / f"prepared-r{rep}"
-            try:
-                res = run_child(corpus, out_root, 1, spec)
-            finally:
-                shutil.rmtree(out_root, ignore_errors=True)
+            res = run_child(corpus, out_root, 1, spec)
             res.update(step="prepare_corpus (count, train on 90%, encode)", repeat=rep)
             rows.append(res)
             print(f"[bench]   prepare_corpus: {res['time_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
@@ -472,10 +470,7 @@ def main(argv=None) -> dict | None:
                 order = workers_list if rep % 2 == 0 else workers_list[::-1]
                 for workers in order:
                     out_root = work / f"prepared-{size:g}MB-t{workers}-r{rep}"
-                    try:
-                        res = run_child(corpus, out_root, workers, args.encoding)
-                    finally:
-                        shutil.rmtree(out_root, ignore_errors=True)
+                    res = run_child(corpus, out_root, workers, args.encoding)
                     res.update(size_mb=size, workers=workers, repeat=rep,
                                mb_per_s=res["bytes"] / 1e6 / res["time_s"],
                                peak_rss_mb=res["total_peak_kb"] * 1024 / 1e6)
