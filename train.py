@@ -56,7 +56,7 @@ def fit(cfg: DictConfig) -> Outcome:
         value = info.metrics[metric_name]
         print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}); "
               f"nothing to do. final {metric_name} = {value:.4f}")
-        return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path))
+        return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path), trained=False)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.model.get("init_from"):  # the shape is the checkpoint's (so are the data's windows, ${model.block_size})
         from hydra.core.hydra_config import HydraConfig

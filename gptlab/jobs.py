@@ -38,6 +38,7 @@ class Outcome:
     seconds: float | None = None  # training time
     tokens: int | None = None  # tokens trained on
     rank_zero: bool = True
+    trained: bool = True  # False: a finished run resumed (a requeue), nothing was done
 
 
 def multirun() -> bool:
@@ -90,7 +91,7 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
         print(f"Error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
     if isinstance(outcome, Outcome):
-        if outcome.rank_zero:
+        if outcome.rank_zero and (outcome.trained or not (outcome.run_dir / DONE).exists()):  # keep the real run's
             mark_done(outcome.run_dir, outcome.metric, outcome.value, outcome.steps,
                       round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt)
         if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
