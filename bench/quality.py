@@ -1,19 +1,27 @@
 """Quality at equal compute: nanoGPT's documented CPU recipe as a plain PyTorch loop against gptlab's
-CPU experiments run through `train.py`, in one run, on the same machine.
+CPU experiments run through `train.py`, in one run, on the same machine; then the record preset with
+each of its model options switched off, at equal wall-clock (the ablation table).
 
 nanoGPT's recipe (README, "I only have a macbook"): 4 layers / 4 heads / 128 channels, block 64,
 batch 12, 2000 iterations, lr 1e-3 -> 1e-4 (warmup 100, cosine over 2000), AdamW betas (0.9, 0.99),
 weight decay 0.1, dropout 0, grad clip 1.0. It reports val loss 1.88. The raw loop below is that
 recipe on gptlab's GPT, the same data and the same fixed validation windows as gptlab's val/loss.
 
-    python bench/quality.py                                   # raw recipe + shakespeare_char_cpu + _long
-    python bench/quality.py --experiments shakespeare_char_cpu
+Equal wall-clock: an ablated run trains for the record's steps x (the record's ms/step / its own), the
+ms/step of both measured side by side in this process (interleaved rounds, medians), so that it gets
+the record's training time, spent on its own step cost; the table shows the time each run took.
+
+    python bench/quality.py                                   # everything (about 75 min on a 2-core CPU)
+    python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
+    python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate qk_norm,mlp
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +62,7 @@ def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
         opt.step()
         sched.step()
     train_s = time.perf_counter() - t0
-    return {"name": "nanoGPT CPU recipe, raw loop", "steps": steps, "train_s": train_s,
+    return {"name": "nanoGPT CPU recipe, raw loop", "steps": steps, "train_s": train_s, "params": model.num_params(),
             "total_s": time.perf_counter() - t0,
             "val_loss": val_loss(model, dm.val_tokens, 240),  # gptlab's validation set for the CPU presets
             "val_loss_all": val_loss(model, dm.val_tokens)}
@@ -81,56 +89,187 @@ def val_loss(model, tokens, windows: int | None = None) -> float:
     return total / n
 
 
-def gptlab_experiment(name: str, data_dir: str, out: Path) -> dict:
+RECORD = "shakespeare_char_cpu_record"
+# The model options of issue 16; an ablation sets one of them back to its value in conf/model/gpt_micro.yaml
+# (GPT-2's), for each one on which the record preset differs.
+OPTIONS = ("pos", "norm", "mlp", "qk_norm", "n_kv_head", "bias", "tie_weights")
+
+
+def compose(experiment: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"experiment={experiment}", *overrides])
+
+
+def ablations(experiment: str) -> dict[str, list[str]]:
+    """{option: [the override that switches it off]} for each option the experiment changes."""
+    from omegaconf import OmegaConf
+
+    record = OmegaConf.to_container(compose(experiment, []).model, resolve=True)
+    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gpt_micro.yaml"))
+    value = lambda v: "null" if v is None else str(v).lower()  # noqa: E731
+    return {f"{k}: {value(record.get(k))} -> {value(base[k])}": [f"model.{k}={value(base[k])}"]
+            for k in OPTIONS if record.get(k) != base.get(k)}
+
+
+def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 5, steps: int = 6) -> dict[str, dict]:
+    """ms per optimizer step (forward, backward, clipping, the experiment's optimizer) of each variant
+    at the experiment's batch and context, measured in interleaved rounds so that drift hits all alike;
+    the parameter counts too."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from gptlab.models import build_model
+    from gptlab.training.optim import OptimConfig, ParamRoles, build_optimizer, param_groups
+
+    setups = {}
+    for name, overrides in variants.items():
+        cfg = compose(experiment, overrides)
+        shape = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k not in ("compile", "init_from")}
+        shape["vocab_size"] = shape.get("vocab_size") or 65
+        torch.manual_seed(0)
+        model = build_model(shape)
+        optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
+        opt = build_optimizer(param_groups(list(model.named_parameters()), ParamRoles.of(model), optim), optim, True)
+        B, T = cfg.data.batch_size, shape["block_size"]
+        batch = torch.randint(0, shape["vocab_size"], (2, B, T))
+        setups[name] = (model, opt, batch, model.num_params())
+    times = {name: [] for name in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (model, opt, (x, y), _) in setups.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            if r:
+                times[name].append(1000 * (time.perf_counter() - t0) / steps)
+    return {name: {"ms_per_step": statistics.median(times[name]), "params": setups[name][3]} for name in variants}
+
+
+def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str, ...] = (), label: str | None = None) -> dict:
+    run_dir = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", label or name)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"experiment={name}", f"data.path={SHAKESPEARE}",
-         f"data.data_dir={data_dir}", f"hydra.run.dir={out / name}", "~callbacks.progress_bar"],
+         f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar", *overrides],
         cwd=ROOT, capture_output=True, text=True,
     )
     total = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
     val = float(re.search(r"final val/loss = ([0-9.]+)", proc.stdout).group(1))
     fit = re.search(r"fit: (\d+) steps in ([0-9.]+)s, of which validation ([0-9.]+)s", proc.stdout)
     steps, fit_s, val_s = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
+    params = int(re.search(r"with ([0-9,]+) parameters", proc.stdout).group(1).replace(",", ""))
     # the whole validation split, with the weights of the last step
     from gptlab import checkpoint
     from gptlab.checkpoint import model_from_checkpoint
     from gptlab.data import TokenDataModule
 
-    model, _ = model_from_checkpoint(checkpoint.load(out / name / "checkpoints" / "last.ckpt"))
+    model, _ = model_from_checkpoint(checkpoint.load(run_dir / "checkpoints" / "last.ckpt"))
     dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=data_dir, block_size=model.config.block_size)
     dm.prepare_data()
     dm.setup()
-    return {"name": f"gptlab experiment={name}", "steps": steps, "train_s": fit_s - val_s,
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"[bench]   {steps} steps, {fit_s - val_s:.1f}s training, {total:.1f}s end to end: val/loss {val:.4f}", flush=True)
+    return {"name": label or f"gptlab experiment={name}", "overrides": list(overrides), "steps": steps,
+            "params": params, "train_s": fit_s - val_s, "ms_per_step": 1000 * (fit_s - val_s) / steps,
             "fit_s": fit_s, "total_s": total, "val_loss": val, "val_loss_all": val_loss(model, dm.val_tokens)}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", default="shakespeare_char_cpu,shakespeare_char_cpu_long")
+    parser.add_argument("--experiments", default=f"shakespeare_char_cpu,shakespeare_char_cpu_long,{RECORD}")
     parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
+    parser.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 20 steps per run")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
     info = machine_info()
-    print(machine_line(info))
-    rows = []
+    print(machine_line(info), flush=True)
+    experiments = [e for e in args.experiments.split(",") if e]
+    todo = {} if args.no_ablation else ablations(RECORD)
+    if args.ablate:
+        keys = {label.split(":")[0]: label for label in todo}
+        unknown = set(args.ablate.split(",")) - set(keys)
+        if unknown:
+            raise SystemExit(f"--ablate {args.ablate}: {RECORD} changes only {sorted(keys)}")
+        todo = {keys[k]: todo[keys[k]] for k in args.ablate.split(",")}
+    rows, ablated = [], []
+    quick = ("trainer.max_steps=20", "trainer.val_check_interval=10") if args.quick else ()
     with tempfile.TemporaryDirectory(prefix="gptlab-quality-") as tmp:
         data_dir = str(Path(tmp) / "data")
         if not args.skip_raw:
-            rows.append(raw_recipe(data_dir))
-        for name in filter(None, args.experiments.split(",")):
-            rows.append(gptlab_experiment(name, data_dir, Path(tmp)))
+            print("[bench] nanoGPT's CPU recipe, raw loop", flush=True)
+            rows.append(raw_recipe(data_dir, steps=20 if args.quick else 2000))
+            print(f"[bench]   {rows[0]['train_s']:.1f}s training: val/loss {rows[0]['val_loss']:.4f}", flush=True)
+        for name in experiments:
+            print(f"[bench] experiment={name}", flush=True)
+            rows.append(gptlab_experiment(name, data_dir, Path(tmp), quick))
+        if todo:
+            record = next((r for r in rows if r["name"] == f"gptlab experiment={RECORD}"), None)
+            if record is None:
+                print(f"[bench] experiment={RECORD} (the ablation's reference)", flush=True)
+                record = gptlab_experiment(RECORD, data_dir, Path(tmp), quick)
+            probe = step_ms(RECORD, {"record": [], **todo})
+            for option, overrides in todo.items():
+                steps = round(record["steps"] * probe["record"]["ms_per_step"] / probe[option]["ms_per_step"])
+                print(f"[bench] {RECORD} {' '.join(overrides)}: {steps} steps", flush=True)
+                row = gptlab_experiment(RECORD, data_dir, Path(tmp), (*quick, *overrides, f"trainer.max_steps={steps}"),
+                                        label=option)
+                ablated.append({**row, "option": option, "probe_ms_per_step": probe[option]["ms_per_step"],
+                                "delta_val_loss": row["val_loss"] - record["val_loss"]})
     ref = rows[0]["train_s"] if not args.skip_raw else None
     print(table(
-        ["run", "steps", "train s", "x raw recipe", "end-to-end s", "val/loss", "whole val split"],
-        [[r["name"], r["steps"], f"{r['train_s']:.1f}", f"{r['train_s'] / ref:.2f}" if ref else "-",
-          f"{r['total_s']:.1f}", f"{r['val_loss']:.4f}", f"{r['val_loss_all']:.4f}"] for r in rows],
+        ["run", "params", "steps", "ms/step", "train s", "x raw recipe", "end-to-end s", "x raw (end to end)",
+         "val/loss", "whole val split"],
+        [[r["name"], f"{r.get('params', 0.0):,}" if r.get("params") else "-", r["steps"],
+          f"{1000 * r['train_s'] / r['steps']:.0f}", f"{r['train_s']:.1f}", f"{r['train_s'] / ref:.2f}" if ref else "-",
+          f"{r['total_s']:.1f}", f"{r['total_s'] / ref:.2f}" if ref else "-",
+          f"{r['val_loss']:.4f}", f"{r['val_loss_all']:.4f}"] for r in rows],
     ))
     print("val/loss: what the run reports (the experiment's data.val_windows evenly spaced windows; 240 for the "
-          "raw recipe); whole val split: every token of it, in back-to-back windows, with the last step's weights")
-    result = {"machine": info, "runs": rows}
+          "raw recipe); whole val split: every token of it, in back-to-back windows, with the last step's weights; "
+          "x raw: against the raw recipe's training time")
+    if ablated:
+        print(f"\nablation of {RECORD}: each option switched off, at the record's training time")
+        print(table(
+            ["option switched off", "params", "steps", "ms/step", "train s", "time vs record", "end-to-end s",
+             "val/loss", "vs record", "whole val split"],
+            [[record["name"], f"{record['params']:,}", record["steps"], f"{record['ms_per_step']:.0f}",
+              f"{record['train_s']:.1f}", "1.00", f"{record['total_s']:.1f}", f"{record['val_loss']:.4f}", "",
+              f"{record['val_loss_all']:.4f}"]]
+            + [[a["name"], f"{a['params']:,}", a["steps"], f"{a['ms_per_step']:.0f}", f"{a['train_s']:.1f}",
+                f"{a['train_s'] / record['train_s']:.2f}", f"{a['total_s']:.1f}", f"{a['val_loss']:.4f}",
+                f"{a['delta_val_loss']:+.4f}", f"{a['val_loss_all']:.4f}"]
+               for a in ablated],
+        ))
+        off = [a["name"] for a in ablated if abs(a["train_s"] / record["train_s"] - 1) > 0.05]
+        if off:
+            print(f"[bench] WARNING: not equal wall-clock for {', '.join(off)} (more than 5% from the record's "
+                  "training time): the machine's speed drifted between the probe and the runs, so those rows "
+                  "compare unequal budgets")
+    goals = {}
+    record_row = next((r for r in rows if r["name"] == f"gptlab experiment={RECORD}"), None)
+    if ref and record_row:
+        x = record_row["total_s"] / ref
+        goals = {"record": {"x_raw_end_to_end": x, "val_loss": record_row["val_loss"],
+                            "met": x <= 4 and record_row["val_loss"] <= 1.50},
+                 "stretch": {"met": x <= 6 and record_row["val_loss"] <= 1.47}}
+        print(f"\nrecord: val/loss {record_row['val_loss']:.4f} in {x:.2f}x the raw recipe's training time, end to end: "
+              f"goal <= 1.50 within 4x {'MET' if goals['record']['met'] else 'NOT MET'}; "
+              f"stretch <= 1.47 within 6x {'MET' if goals['stretch']['met'] else 'NOT MET'}")
+    result = {"machine": info, "runs": rows, "ablation": ablated, "goals": goals}
     print(f"wrote {write_results('quality', result, args.out)}")
     return result
 

@@ -183,6 +183,7 @@ QUICK = [
 RUNS = {
     "experiment=shakespeare_char": ["trainer=cpu"],
     "experiment=shakespeare_char_cpu_long": [],
+    "experiment=shakespeare_char_cpu_record": [],
     "experiment=shakespeare_bpe": ["trainer=cpu"],
     "experiment=gpt2_124m": ["trainer=cpu", "trainer.devices=1", "trainer.accumulate_grad_batches=2"],
     "experiment=finetune_shakespeare": ["trainer=cpu", "model.init_from=null", "trainer.accumulate_grad_batches=2"],
