@@ -17,14 +17,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab import resume, tracking
-from gptlab.config import validate_train
+from gptlab.config import RUN_SWITCHES, validate_train
 from gptlab.errors import ConfigError
 from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
 from gptlab.console import job_line, quiet_lightning, summary
 from gptlab.jobs import Outcome, multirun, run
-
-# keys of `model` that say how to run it, not what it is (conf/train.yaml declares them)
-RUN_SWITCHES = ("compile", "init_from")
 from gptlab.training import LanguageModel
 
 

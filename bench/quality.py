@@ -11,7 +11,7 @@ Equal wall-clock: an ablated run trains for the record's steps x (the record's m
 ms/step of both measured side by side in this process (interleaved rounds, medians), so that it gets
 the record's training time, spent on its own step cost; the table shows the time each run took.
 
-    python bench/quality.py                                   # everything (about 75 min on a 2-core CPU)
+    python bench/quality.py                                   # everything (about an hour on a 2-core CPU)
     python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
     python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate qk_norm,mlp
 """
@@ -31,9 +31,20 @@ from pathlib import Path
 from _common import ROOT, SHAKESPEARE, machine_info, machine_line, table, write_results
 
 
-def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
+def train_step(model, opt, x, y) -> None:
+    """One plain optimizer step: forward, cross-entropy, backward, clipping at 1.0, the update."""
     import torch
     import torch.nn.functional as F
+
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
+    import torch
 
     from gptlab.data import TokenDataModule
     from gptlab.data.datasets import TrainBatches
@@ -55,11 +66,7 @@ def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
     t0 = time.perf_counter()
     for k in range(steps):
         x, y, _ = batches.batch(k)
-        loss = F.cross_entropy(model(x).view(-1, 65), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, x, y)
         sched.step()
     train_s = time.perf_counter() - t0
     return {"name": "nanoGPT CPU recipe, raw loop", "steps": steps, "train_s": train_s, "params": model.num_params(),
@@ -121,22 +128,23 @@ def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 5, st
     at the experiment's batch and context, measured in interleaved rounds so that drift hits all alike;
     the parameter counts too."""
     import torch
-    import torch.nn.functional as F
     from omegaconf import OmegaConf
 
+    from gptlab.config import RUN_SWITCHES
     from gptlab.models import build_model
-    from gptlab.training.optim import OptimConfig, ParamRoles, build_optimizer, param_groups
+    from gptlab.training.optim import OptimConfig, ParamRoles, build_optimizer, fused_by_default, param_groups
 
     setups = {}
     for name, overrides in variants.items():
         cfg = compose(experiment, overrides)
         shape = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                 if k not in ("compile", "init_from")}
+                 if k not in RUN_SWITCHES}
         shape["vocab_size"] = shape.get("vocab_size") or 65
         torch.manual_seed(0)
         model = build_model(shape)
         optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
-        opt = build_optimizer(param_groups(list(model.named_parameters()), ParamRoles.of(model), optim), optim, True)
+        groups = param_groups(list(model.named_parameters()), ParamRoles.of(model), optim)
+        opt = build_optimizer(groups, optim, fused_by_default(torch.device("cpu")))
         B, T = cfg.data.batch_size, shape["block_size"]
         batch = torch.randint(0, shape["vocab_size"], (2, B, T))
         setups[name] = (model, opt, batch, model.num_params())
@@ -145,11 +153,7 @@ def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 5, st
         for name, (model, opt, (x, y), _) in setups.items():
             t0 = time.perf_counter()
             for _ in range(steps):
-                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                train_step(model, opt, x, y)
             if r:
                 times[name].append(1000 * (time.perf_counter() - t0) / steps)
     return {name: {"ms_per_step": statistics.median(times[name]), "params": setups[name][3]} for name in variants}
@@ -190,8 +194,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", default=f"shakespeare_char_cpu,shakespeare_char_cpu_long,{RECORD}")
     parser.add_argument("--skip-raw", action="store_true")
-    parser.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
-    parser.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
+    which.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 20 steps per run")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
@@ -203,7 +208,7 @@ def main(argv=None) -> dict:
         keys = {label.split(":")[0]: label for label in todo}
         unknown = set(args.ablate.split(",")) - set(keys)
         if unknown:
-            raise SystemExit(f"--ablate {args.ablate}: {RECORD} changes only {sorted(keys)}")
+            parser.error(f"--ablate {args.ablate}: {RECORD} changes only {','.join(keys)}")
         todo = {keys[k]: todo[keys[k]] for k in args.ablate.split(",")}
     rows, ablated = [], []
     quick = ("trainer.max_steps=20", "trainer.val_check_interval=10") if args.quick else ()

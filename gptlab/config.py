@@ -19,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import ConfigError
 
+# keys of `model` that say how to run it, not what it is (conf/train.yaml declares them); checkpoints keep
+# the rest, the shape (gptlab <= 0.1 stored these with it, so readers drop them)
+RUN_SWITCHES = ("compile", "init_from")
+
 # key: (low, high, whether low itself is allowed); None: unbounded. Nulls pass (they mean "default").
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.block_size": (1, None, True), "model.n_layer": (1, None, True), "model.n_head": (1, None, True),

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from gptlab import checkpoint
+from gptlab.config import RUN_SWITCHES
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.hf import gpt2, llama
@@ -35,7 +36,6 @@ from gptlab.models import build_model
 from gptlab.models.gpt import GPT
 
 GPT2, LLAMA = "GPT-2", "Llama"
-RUN_SWITCHES = ("compile", "init_from")  # stored with the shape by gptlab <= 0.1
 
 
 @dataclass
