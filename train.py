@@ -23,6 +23,7 @@ from gptlab.hydra_ddp import distributed_job, install_multirun_ddp_fix
 from gptlab.console import job_line, quiet_lightning, summary
 from gptlab.jobs import Outcome, multirun, run
 from gptlab.training import LanguageModel
+from gptlab.training.callbacks import StepAxis
 
 
 def instantiate_all(node: DictConfig | None, **kwargs) -> list:
@@ -32,14 +33,16 @@ def instantiate_all(node: DictConfig | None, **kwargs) -> list:
     return [hydra.utils.instantiate(v, **kwargs) for v in node.values() if v and "_target_" in v]
 
 
-def step_intervals(trainer_cfg: DictConfig) -> dict:
-    """`trainer.val_check_interval` counts optimizer steps; Lightning counts training batches, so with
-    gradient accumulation it would validate (and checkpoint) in the middle of an accumulation."""
+def trainer_kwargs(trainer_cfg: DictConfig) -> dict:
+    """What Lightning reads differently from gptlab's trainer config. `trainer.val_check_interval`
+    counts optimizer steps; Lightning counts training batches, so with gradient accumulation it would
+    validate (and checkpoint) in the middle of an accumulation."""
+    kwargs = {}
     accumulate = trainer_cfg.get("accumulate_grad_batches") or 1
     interval = trainer_cfg.get("val_check_interval")
     if accumulate > 1 and isinstance(interval, int) and not isinstance(interval, bool):
-        return {"val_check_interval": interval * accumulate}
-    return {}
+        kwargs["val_check_interval"] = interval * accumulate
+    return kwargs
 
 
 def fit(cfg: DictConfig) -> Outcome:
@@ -47,11 +50,12 @@ def fit(cfg: DictConfig) -> Outcome:
     metric_name = cfg.get("optimized_metric") or "val/loss"
     info = resume.resolve(cfg)  # may point paths.output_dir at that run
     run_dir = Path(cfg.paths.output_dir)
-    if info is not None and resume.finished(info, cfg.trainer.get("max_steps")):
+    if info is not None and resume.finished(info, cfg.trainer.get("max_steps"), cfg.trainer.get("max_time")):
         if metric_name not in info.metrics:
             raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")
         value = info.metrics[metric_name]
-        print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}); "
+        budget = f", trainer.max_time={cfg.trainer.max_time}" if cfg.trainer.get("max_time") else ""
+        print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}{budget}); "
               f"nothing to do. final {metric_name} = {value:.4f}")
         return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path), trained=False)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -104,11 +108,12 @@ def fit(cfg: DictConfig) -> Outcome:
 def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, info) -> Outcome:
     metric_name = cfg.get("optimized_metric") or "val/loss"
     run_dir = Path(cfg.paths.output_dir)
-    callbacks = instantiate_all(cfg.get("callbacks"))
+    callbacks = [StepAxis(), *instantiate_all(cfg.get("callbacks"))]
     if not loggers:  # logger=none: nothing to report learning rates to (Lightning would refuse the monitor)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer)
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs(cfg.trainer),
+        _convert_="partial",  # plain dicts: Lightning takes a DictConfig max_time ({minutes: 10}) for a timedelta
     )
     if trainer.strategy.root_device.type == "cuda":
         # TF32 tensor cores for float32 matmuls (what mixed precision leaves in float32); CPU runs are untouched

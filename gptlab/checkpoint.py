@@ -113,6 +113,7 @@ class Info:
     best_val_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged values
     trackers: dict[str, Any] = field(default_factory=dict)
+    trained_s: float | None = None  # the seconds Lightning's Timer had counted (runs with a trainer.max_time)
 
 
 def info(path: str | Path) -> Info:
@@ -128,7 +129,14 @@ def info(path: str | Path) -> Info:
         best_val_loss=None if best is None else float(best),
         metrics={k: float(v) for k, v in (state.get("metrics") or {}).items()},
         trackers=dict(state.get("trackers") or {}),
+        trained_s=_timer_seconds(ckpt.get("callbacks") or {}),
     )
+
+
+def _timer_seconds(callbacks: dict[str, Any]) -> float | None:
+    timer = callbacks.get("Timer") or {}
+    seconds = (timer.get("time_elapsed") or {}).get("train")
+    return None if seconds is None else float(seconds)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:

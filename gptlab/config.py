@@ -150,6 +150,26 @@ def validate_train(cfg: DictConfig) -> None:
                 check_target(node, f"{group}.{name}.")
     for key in ("seed",):
         check(key, container.get(key), int)
+    budget_seconds((container.get("trainer") or {}).get("max_time"))
+
+
+def budget_seconds(max_time: Any) -> float | None:
+    """trainer.max_time in seconds (None: no time budget), read as Lightning's Timer reads it."""
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if max_time is None:
+        return None
+    if isinstance(max_time, DictConfig):
+        max_time = OmegaConf.to_container(max_time)
+    try:
+        seconds = Timer(duration=max_time).time_remaining()  # a Timer not started: its whole duration
+    except (MisconfigurationException, TypeError, AttributeError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise ConfigError(f"trainer.max_time={max_time!r}: expected a duration > 0, DD:HH:MM:SS (00:00:10:00) "
+                          f"or a mapping ({{minutes: 10}}, {{hours: 1, minutes: 30}})")
+    return seconds
 
 
 def validate_dataclass(node: Mapping[str, Any], cls: type) -> Any:

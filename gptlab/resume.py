@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from gptlab import checkpoint
+from gptlab.config import budget_seconds
 from gptlab.errors import CheckpointError, ConfigError
 
 # keys that change neither the parameters nor what the tokens mean: free to differ on resume
@@ -83,6 +84,10 @@ def check_compatible(info: checkpoint.Info, model_cfg: dict[str, Any], tokenizer
         )
 
 
-def finished(info: checkpoint.Info, max_steps: int | None) -> bool:
-    """A run resumed after its last step (e.g. a requeued job that had completed) has nothing to do."""
-    return max_steps is not None and max_steps >= 0 and info.step >= max_steps
+def finished(info: checkpoint.Info, max_steps: int | None, max_time: Any = None) -> bool:
+    """A run resumed after its last step or the last second of its trainer.max_time (e.g. a requeued job
+    that had completed) has nothing to do."""
+    if max_steps is not None and max_steps >= 0 and info.step >= max_steps:
+        return True
+    budget = budget_seconds(max_time)
+    return budget is not None and info.trained_s is not None and info.trained_s >= budget

@@ -1,7 +1,7 @@
 """A callback for tests that run train.py in subprocesses: every rank records what it trained on.
 
 Add it with `+callbacks.probe._target_=rank_probe.RankProbe` and PYTHONPATH=tests; each rank writes
-<run dir>/probe_rank<r>.json with its rank, world size, learning rate and the input windows of every
+<run dir>/probe_rank<r>.json with its rank, world size, learning rates and the input windows of every
 training micro-batch.
 """
 
@@ -16,9 +16,11 @@ import lightning as L
 class RankProbe(L.Callback):
     def __init__(self) -> None:
         self.batches: list[list[list[int]]] = []
+        self.lrs: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append(batch[0].tolist())
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_end(self, trainer, pl_module) -> None:
         record = {
@@ -27,6 +29,7 @@ class RankProbe(L.Callback):
             "initial_lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
             "global_step": trainer.global_step,
             "batches": self.batches,
+            "lrs": self.lrs,
         }
         out = Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.json"
         out.write_text(json.dumps(record))

@@ -141,6 +141,8 @@ BAD = [
     ("optim.lr=abc", "optim.lr='abc': expected a number"),
     ("optim.lr=-1", "optim.lr=-1: must be > 0.0"),
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be > 0"),
+    ("trainer.max_time=10min", "trainer.max_time='10min': expected a duration > 0, DD:HH:MM:SS"),
+    ("trainer.max_time={minutez: 3}", "trainer.max_time={'minutez': 3}: expected a duration"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be >= 1"),
     ("trainer.max_steps=abc", "trainer.max_steps='abc': expected an integer"),
     ("trainer.precision=bogus", "trainer.precision='bogus': expected one of"),

@@ -120,6 +120,19 @@ def test_ddp_checkpoint_loads_and_samples(ddp_run, data_dir):
     assert proc.stdout.startswith("ROMEO:")
 
 
+def test_ddp_time_budget_gives_every_rank_the_same_schedule(tmp_path, data_dir):
+    """trainer.max_time under DDP: rank 0's clock drives the LR on both ranks and the stop."""
+    run_dir = tmp_path / "run"
+    run_script("train.py", train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=-1",
+                                      "trainer.max_time={seconds: 4}", "trainer.val_check_interval=100000",
+                                      "optim.warmup_steps=2", "optim.lr=1e-3", "optim.min_lr=1e-4", *PROBE),
+               data_dir, **PROBE_ENV)
+    ranks = probes(run_dir)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 5
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]  # bit for bit: the parameters stay replicas
+    assert ranks[0]["lrs"][-1] < 1e-4 + 0.1 * 9e-4  # the cosine ran out with the budget
+
+
 def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir):
     sweep_dir = tmp_path / "sweep"
     args = [

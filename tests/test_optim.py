@@ -112,6 +112,54 @@ def test_muon_run_resumes_to_the_same_numbers(tmp_path, data_dir):
     assert losses[-1] < losses[0] - 0.5  # it learns
 
 
+def test_lr_factor_follows_whichever_of_steps_and_time_runs_out_first():
+    from gptlab.training.optim import lr_factor
+
+    assert lr_factor(4, 5, 100, 0.1, time_used=0.9) == pytest.approx((4 + 1) / 6)  # warmup counts steps
+    assert lr_factor(50, 0, 100, 0.1) == pytest.approx(0.55)  # half way by steps
+    assert lr_factor(50, 0, 100, 0.1, time_used=0.5) == pytest.approx(0.55)
+    assert lr_factor(10, 0, 100, 0.1, time_used=0.5) == pytest.approx(0.55)  # time ahead of the steps
+    assert lr_factor(10, 0, None, 0.1, time_used=1.0) == pytest.approx(0.1)  # a time budget alone
+    assert lr_factor(100, 0, None, 0.1, time_used=0.0) == pytest.approx(1.0)
+
+
+def test_a_time_budget_stops_the_run_ends_the_cosine_and_carries_through_a_resume(tmp_path, data_dir):
+    """trainer.max_time with trainer.max_steps=-1: Lightning's Timer stops the run, the LR decays over
+    the budget (to min_lr at its end), and a resume continues the same clock."""
+    common = [f"data.path={SHAKESPEARE}", *TINY, "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2",
+              "trainer.max_steps=-1", "trainer.val_check_interval=100000"]
+    run_dir = tmp_path / "run"
+    run_train([*common, "trainer.max_time={seconds: 3}"], run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    first = ckpt["global_step"]
+    assert first > 20
+    lrs = [v for _, v in read_scalars(run_dir / "tensorboard")["lr/decay"]]
+    assert len(lrs) == first
+    assert max(lrs) > 9e-4 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # warmup, then only down
+    assert lrs[-1] < 1e-4 + 0.05 * 9e-4  # the cosine's end, at the budget's end
+    timer = next(v for k, v in ckpt["callbacks"].items() if k.startswith("Timer"))
+    assert 3.0 <= timer["time_elapsed"]["train"] < 10
+
+    run_train([*common, "trainer.max_time={seconds: 6}", "resume=auto"], run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] > first
+    logged = read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in logged["lr/decay"]] == list(range(ckpt["global_step"]))  # one axis, no step twice
+    assert [s for s, _ in logged["train/loss"]] == list(range(ckpt["global_step"]))
+    lrs = dict(logged["lr/decay"])
+    assert lrs[first] < 0.75 * 1e-3  # the resumed run starts half way through its 6 s, not at the peak
+    assert lrs[ckpt["global_step"] - 1] < 1e-4 + 0.05 * 9e-4
+    # a requeue of the finished run: nothing to train, the final metric reported
+    assert run_train([*common, "trainer.max_time={seconds: 6}", "resume=auto"], run_dir) == pytest.approx(
+        ckpt["gptlab"]["metrics"]["val/loss"])
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == ckpt["global_step"]
+
+
+def test_a_schedule_needs_steps_or_a_time_budget(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        run_train([f"data.path={SHAKESPEARE}", *TINY, "trainer.max_steps=-1"], tmp_path / "run")
+
+
 @pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", 0.0, True),
                                                     ("bf16-mixed", 1.0, False)])
 def test_fused_adamw_by_default_except_where_lightning_cannot_clip(precision, clip, fused):

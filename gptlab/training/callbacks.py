@@ -14,6 +14,18 @@ from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.sampling import generate, start_ids
 
 
+class StepAxis(L.Callback):
+    """Keeps the loggers' step axis on the optimizer step across a resume. Lightning restores its
+    logging counter one short when the checkpoint was written by a stop between validation intervals
+    (max_steps, max_time), so the resumed run would log its first step over the last one's. It goes
+    first among the callbacks: the LR monitor logs in the same hook."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
+
+
 class TextSample(L.Callback):
     """Generates a text sample at each validation and writes it to TensorBoard's TEXT tab.
 

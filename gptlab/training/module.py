@@ -26,6 +26,22 @@ from gptlab.training.optim import (
 )
 
 
+def time_budget(trainer: L.Trainer | None):
+    """The fraction of `trainer.max_time` spent so far, as a function (None without a time budget).
+    Lightning's Timer keeps the clock (validation included) and carries it through a resume; with
+    several processes rank 0's clock rules, as it does for Lightning's stop, so that every rank steps
+    with the same learning rate."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer else None
+    if timer is None or timer.time_remaining() is None:
+        return None
+    budget = timer.time_elapsed() + timer.time_remaining()
+    if trainer.world_size == 1:
+        return lambda: timer.time_elapsed() / budget
+    return lambda: trainer.strategy.broadcast(timer.time_elapsed() / budget, src=0)
+
+
 class LanguageModel(L.LightningModule):
     """Wraps a model built from `model` (a plain dict: arch, shape and vocab_size).
 
@@ -159,7 +175,7 @@ class LanguageModel(L.LightningModule):
         if fused is None:
             fused = fused_by_default(self.device, *((trainer.precision, trainer.gradient_clip_val) if trainer else ()))
         optimizer = build_optimizer(groups, cfg, fused)
-        scheduler = build_schedule(optimizer, cfg, trainer.max_steps if trainer else None)
+        scheduler = build_schedule(optimizer, cfg, trainer.max_steps if trainer else None, time_budget(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

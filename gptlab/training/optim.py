@@ -7,6 +7,7 @@ optimizers here, so both sides of a comparison train with the same groups and sc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +47,17 @@ class OptimConfig:
             raise ConfigError(f"optim.betas={list(self.betas)}: need two values in [0, 1)")
 
 
-def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `decay_steps`, then flat."""
+def lr_factor(step: int, warmup: int, decay_steps: int | None, min_ratio: float, time_used: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio`, then flat. The decay's progress is the
+    larger of the steps' ((step - warmup) / (decay_steps - warmup)) and `time_used`, the fraction of a
+    time budget spent: the decay ends when the run does, at its last step or its last second."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    if step >= decay_steps:
+    progress = time_used
+    if decay_steps is not None:
+        progress = max(progress, (step - warmup) / max(1, decay_steps - warmup))
+    if progress >= 1.0:
         return min_ratio
-    progress = (step - warmup) / max(1, decay_steps - warmup)
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
@@ -119,10 +124,16 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, fused: bool) -> torch.
                              **({"fused": True} if fused else {"foreach": True}))
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int | None):
-    """Warmup + cosine, stepped after every optimizer step (not every epoch, not every micro-batch)."""
-    decay_steps = cfg.decay_steps or max_steps
-    if decay_steps is None or decay_steps < 0:
-        raise ConfigError("set trainer.max_steps (or optim.decay_steps): the LR schedule is step-based")
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int | None,
+                   time_used: Callable[[], float] | None = None):
+    """Warmup + cosine, stepped after every optimizer step (not every epoch, not every micro-batch).
+    With a time budget (trainer.max_time), `time_used()` is the fraction of it spent, and the cosine
+    follows whichever of the steps and the time runs out first."""
+    decay_steps = cfg.decay_steps or (max_steps if max_steps is not None and max_steps > 0 else None)
+    if decay_steps is None and time_used is None:
+        raise ConfigError("set trainer.max_steps, optim.decay_steps or trainer.max_time: the LR schedule decays "
+                          "over the run's steps or its time budget")
     ratio = cfg.min_lr / cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio))
+    used = time_used or (lambda: 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio, min(1.0, used())))
