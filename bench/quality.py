@@ -17,7 +17,7 @@ later runs then get fewer steps for the same seconds (217 -> 267 ms/step over fi
 preset's variants). The record preset is trained twice (two seeds) to show how far apart runs land
 by chance.
 
-    python bench/quality.py                                   # everything (about an hour on a 2-core CPU)
+    python bench/quality.py                                   # everything (35-60 minutes on a 2-core CPU)
     python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
     python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate qk_norm,mlp
 """
