@@ -33,16 +33,14 @@ def instantiate_all(node: DictConfig | None, **kwargs) -> list:
     return [hydra.utils.instantiate(v, **kwargs) for v in node.values() if v and "_target_" in v]
 
 
-def trainer_kwargs(trainer_cfg: DictConfig) -> dict:
-    """What Lightning reads differently from gptlab's trainer config. `trainer.val_check_interval`
-    counts optimizer steps; Lightning counts training batches, so with gradient accumulation it would
-    validate (and checkpoint) in the middle of an accumulation."""
-    kwargs = {}
+def step_intervals(trainer_cfg: DictConfig) -> dict:
+    """`trainer.val_check_interval` counts optimizer steps; Lightning counts training batches, so with
+    gradient accumulation it would validate (and checkpoint) in the middle of an accumulation."""
     accumulate = trainer_cfg.get("accumulate_grad_batches") or 1
     interval = trainer_cfg.get("val_check_interval")
     if accumulate > 1 and isinstance(interval, int) and not isinstance(interval, bool):
-        kwargs["val_check_interval"] = interval * accumulate
-    return kwargs
+        return {"val_check_interval": interval * accumulate}
+    return {}
 
 
 def fit(cfg: DictConfig) -> Outcome:
@@ -112,7 +110,7 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     if not loggers:  # logger=none: nothing to report learning rates to (Lightning would refuse the monitor)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs(cfg.trainer),
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **step_intervals(cfg.trainer),
         _convert_="partial",  # plain dicts: Lightning takes a DictConfig max_time ({minutes: 10}) for a timedelta
     )
     if trainer.strategy.root_device.type == "cuda":

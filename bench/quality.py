@@ -19,7 +19,7 @@ by chance.
 
     python bench/quality.py                                   # everything (35-60 minutes on a 2-core CPU)
     python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
-    python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate qk_norm,mlp
+    python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate pos
 """
 
 from __future__ import annotations
@@ -131,8 +131,7 @@ def ablations(experiment: str) -> dict[str, list[str]]:
 
 def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 8, steps: int = 8) -> dict[str, dict]:
     """ms per optimizer step (forward, backward, clipping, the experiment's optimizer) of each variant
-    at the experiment's batch and context, measured in interleaved rounds so that drift hits all alike;
-    the parameter counts too."""
+    at the experiment's batch and context, measured in interleaved rounds so that drift hits all alike."""
     import torch
     from omegaconf import OmegaConf
 
@@ -153,16 +152,16 @@ def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 8, st
         opt = build_optimizer(groups, optim, fused_by_default(torch.device("cpu")))
         B, T = cfg.data.batch_size, shape["block_size"]
         batch = torch.randint(0, shape["vocab_size"], (2, B, T))
-        setups[name] = (model, opt, batch, model.num_params())
+        setups[name] = (model, opt, batch)
     times = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
-        for name, (model, opt, (x, y), _) in setups.items():
+        for name, (model, opt, (x, y)) in setups.items():
             t0 = time.perf_counter()
             for _ in range(steps):
                 train_step(model, opt, x, y)
             if r:
                 times[name].append(1000 * (time.perf_counter() - t0) / steps)
-    return {name: {"ms_per_step": statistics.median(times[name]), "params": setups[name][3]} for name in variants}
+    return {name: {"ms_per_step": statistics.median(times[name])} for name in variants}
 
 
 def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str, ...] = (), label: str | None = None) -> dict:

@@ -21,9 +21,7 @@ class StepAxis(L.Callback):
     first among the callbacks: the LR monitor logs in the same hook."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if loop._batches_that_stepped != trainer.global_step:
-            loop._batches_that_stepped = trainer.global_step
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
 class TextSample(L.Callback):

@@ -136,4 +136,4 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps
     ratio = cfg.min_lr / cfg.lr
     used = time_used or (lambda: 0.0)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio, min(1.0, used())))
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, decay_steps, ratio, used()))
