@@ -25,13 +25,17 @@ about --doc-kb KB at blank lines (paragraph boundaries), repeated to each size (
 text), and written once per format: "text" as ONE .txt file with the documents joined by a blank
 line (so its bytes are the documents' bytes plus 2 per document; to gptlab it is one document, split
 by characters), "jsonl" as one {"text": ...} line per document, "parquet" as one row per document
-(pyarrow, row groups of --row-group rows, snappy), and optionally "txtdir" as a folder with one .txt
-per document (the same document count as the records, plus one file open per document). One .txt
-is the fair baseline for the reading cost: every format then hands the tokenizer the same text in
-batches of ~1 MB, so the differences are the reading paths (UTF-8 decoding vs JSON parsing vs
-Arrow batches) and the per-document split; a folder of .txt adds per-file filesystem costs.
+(pyarrow, row groups of --row-group rows, snappy, the plain pages a corpus of unique documents
+gets), and optionally "txtdir" as a folder with one .txt per document (the same document count as
+the records, plus one file open per document). One .txt is the fair baseline for the reading cost:
+every format then hands the tokenizer the same text, so the differences are the reading paths (UTF-8
+decoding vs JSON parsing vs Arrow batches, which the encoding workers read themselves) and the
+per-document split; a folder of .txt adds per-file filesystem costs.
 Every (size, format) is prepared with --workers (default 2) in a fresh subprocess; MB/s counts
-the documents' text (the same for every format), `x text` = time / time of the .txt.
+the documents' text (the same for every format). The formats run back to back within a repeat
+(the order reversed every other repeat), and `x text` is the median over the repeats of time / the
+.txt's time in the same repeat: on a VM whose speed drifts by 10-25% within minutes, the runs of one
+repeat share a machine speed that separate medians do not.
 
 --bpe-train SIZE_MB: what data.tokenizer=bpe_train data.vocab_size=4096 (--vocab) costs on SIZE_MB
 of tiny Shakespeare repeated: the tokenizer training alone (HF tokenizers on the file's pieces) and
@@ -103,9 +107,12 @@ def proc_status_kb(key: str) -> int | None:
     return None
 
 
-def cpu_seconds() -> float:
-    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+def cpu_seconds(who: int | None = None) -> float:
+    """CPU seconds of this process and its joined workers (who=None), or of RUSAGE_SELF / _CHILDREN alone."""
+    if who is not None:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+    return cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
 
 
 def peaks(result: dict, workers: int) -> dict:
@@ -130,7 +137,7 @@ def child(corpus: str, out_root: str, workers: str, tokenizer_json: str) -> None
         tiktoken.get_encoding(spec["encoding"])  # cached by tiktoken: prepare_corpus gets this object
     encoding_load_s = time.perf_counter() - t0
     base_rss_kb = proc_status_kb("VmRSS")
-    cpu0 = cpu_seconds()
+    cpu0, driver0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     prepared = prepare_corpus([Path(corpus)], spec, Path(out_root), workers=int(workers), log=lambda *a, **k: None)
     dt = time.perf_counter() - t0
@@ -146,6 +153,7 @@ def child(corpus: str, out_root: str, workers: str, tokenizer_json: str) -> None
         "tokens_split": prepared.meta["tokens"],
         "base_rss_kb": base_rss_kb,
         "cpu_s": cpu_seconds() - cpu0,  # this process and its (joined) workers
+        "driver_cpu_s": cpu_seconds(resource.RUSAGE_SELF) - driver0,  # reading, splitting, writing
     }
     print("RESULT " + json.dumps(peaks(result, int(workers))), flush=True)
 
@@ -293,7 +301,9 @@ def write_format(fmt: str, docs: list[str], path: Path, row_group: int) -> Path:
 
         path = path.with_suffix(".parquet")
         schema = pa.schema([("text", pa.string())])
-        with pq.ParquetWriter(path, schema) as w:  # snappy, pyarrow's default
+        # snappy, pyarrow's default; no dictionary: a real corpus's documents are unique, and its
+        # writer falls back to plain pages, where repeated Shakespeare would dictionary-encode
+        with pq.ParquetWriter(path, schema, use_dictionary=False) as w:
             for i in range(0, len(docs), row_group):
                 w.write_table(pa.table({"text": docs[i:i + row_group]}, schema=schema), row_group_size=row_group)
     elif fmt == "txtdir":
@@ -391,6 +401,7 @@ def formats_main(args: argparse.Namespace) -> dict:
                     "size_mb": size, "workers": workers, "format": fmt, "time_s": t,
                     "times_s": [r["time_s"] for r in rs],
                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                    "driver_cpu_s": statistics.median(r["driver_cpu_s"] for r in rs),
                     "text_mb": rs[0]["text_bytes"] / 1e6, "file_mb": rs[0]["file_bytes"] / 1e6,
                     "input_documents": rs[0]["n_docs"], "documents": rs[0]["documents"],
                     "split_by": rs[0]["split_by"], "tokens": rs[0]["tokens"],
@@ -399,15 +410,27 @@ def formats_main(args: argparse.Namespace) -> dict:
                     "peak_pss_mb": max((r["peak_pss_mb"] or 0) for r in rs) or None,
                 }
     for c in cells.values():
-        c["x_text"] = c["time_s"] / cells[(c["size_mb"], c["workers"], "text")]["time_s"]
+        # each repeat runs every format back to back, so its ratio compares runs at one machine speed;
+        # the median of those ratios is steadier on a VM whose speed drifts than a ratio of medians
+        key = (c["size_mb"], c["workers"])
+        pairs = [r["time_s"] / t["time_s"] for r in runs for t in runs
+                 if (r["size_mb"], r["workers"], r["format"]) == (*key, c["format"])
+                 and (t["size_mb"], t["workers"], t["format"]) == (*key, "text") and r["repeat"] == t["repeat"]]
+        c["x_text_by_repeat"] = pairs
+        c["x_text"] = statistics.median(pairs)
+        c["x_text_of_medians"] = c["time_s"] / cells[(*key, "text")]["time_s"]
     rows = [[f"{c['size_mb']:g}", c["format"], c["workers"], f"{c['file_mb']:.1f}", f"{c['documents']:,}",
-             c["split_by"], f"{c['tokens']:,}", f"{c['time_s']:.2f}", f"{c['cpu_s']:.2f}", f"{c['mb_per_s']:.2f}",
-             f"{c['x_text']:.2f}", f"{c['peak_pss_mb'] or 0:.0f}", f"{c['peak_rss_mb']:.0f}"] for c in cells.values()]
+             c["split_by"], f"{c['tokens']:,}", f"{c['time_s']:.2f}", f"{c['cpu_s']:.2f}",
+             f"{c['driver_cpu_s']:.2f}", f"{c['mb_per_s']:.2f}", f"{c['x_text']:.2f}",
+             " ".join(f"{x:.2f}" for x in c["x_text_by_repeat"]), f"{c['peak_pss_mb'] or 0:.0f}",
+             f"{c['peak_rss_mb']:.0f}"] for c in cells.values()]
     print()
     print(C.table(["size MB", "format", "workers", "file MB", "documents", "split by", "tokens", "time s", "CPU s",
-                   "MB/s", "x text", "peak PSS MB", "RSS sum MB"], rows, left=(0, 1, 5)))
+                   "driver CPU s", "MB/s", "x text", "by repeat", "peak PSS MB", "RSS sum MB"], rows, left=(0, 1, 5)))
     print("(size and MB/s: MB of document text, the same for every format; file MB: on disk; documents: as "
-          "gptlab counts them (one .txt file is one document); x text = time / time of the .txt; MB = 10^6 bytes)")
+          "gptlab counts them (one .txt file is one document); time, CPU: medians over the repeats; driver CPU: "
+          "the process that reads and splits, the rest is the encoding workers; x text: the median over the "
+          "repeats of time / the .txt's time in that repeat; MB = 10^6 bytes)")
 
     worst = max((c for c in cells.values() if c["format"] != "text"), key=lambda c: c["x_text"], default=None)
     goals = {}

@@ -124,6 +124,60 @@ def test_small_chunks_and_worker_processes_do_not_change_the_tokens(tmp_path, re
     path = write_jsonl(tmp_path / "docs.jsonl")
     for kind in ("bpe", "char"):
         assert tokens(prepare(path, tmp_path / f"out-{kind}", kind, workers=3)) == tokens(reference[kind])
+    # Parquet row groups read by the workers themselves (BPE), an empty and a null record among them
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = DOCS[:7] + [""] + DOCS[7:200] + [None] + DOCS[200:]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), tmp_path / "docs.parquet", row_group_size=30)
+    corpus = Corpus(tmp_path / "docs.parquet")
+    got = prepare(corpus, tmp_path / "out-parquet", workers=3)
+    assert len(corpus.record_groups(1 << 20)) == 14 and corpus.record_groups(100) is None  # the path taken
+    assert tokens(got) == tokens(reference["bpe"]) and got.meta["split"] == reference["bpe"].meta["split"]
+
+
+def test_a_batch_of_documents_encodes_as_each_document_alone():
+    """tiktoken encodes a whole batch in one call (the documents joined by the end-of-text token):
+    the ids must equal each document's own ordinary encoding, the end-of-text id between; a batch
+    holding the special token's text as plain text takes the call-per-piece path, with equal ids."""
+    import tiktoken
+
+    from gptlab.data.encode import corpus_encoder
+    from gptlab.data.tokenizers import BPETokenizer
+
+    enc, tok = tiktoken.get_encoding("gpt2"), BPETokenizer("gpt2")
+    eot = np.array([tok.eot_id], dtype=np.uint16)
+    encode = corpus_encoder(tok, np.uint16)
+    # documents that end and start in spaces, newlines and punctuation, where a cross-document merge
+    # of the pre-tokenizer would show; and two pieces of one document, cut at a safe place
+    docs = ["Hello world  ", "\n\n  indented", "end.", "  ", "x\n", "'s contraction", DOCS[3]]
+    items = [docs[0], eot, docs[1], eot, docs[2], eot, docs[3], eot, docs[4], eot, docs[5], eot, "A cut", " piece"]
+    want = []
+    for item in items:
+        want += [tok.eot_id] if isinstance(item, np.ndarray) else enc.encode_ordinary(item)
+    assert encode(items).tolist() == want
+    assert encode([docs[6], eot, DOCS[10]]).tolist() == (
+        enc.encode_ordinary(docs[6]) + [tok.eot_id] + enc.encode_ordinary(DOCS[10]))
+    # an encoding with more special tokens (cl100k has five): their text in a document is plain text too
+    tok.enc = tiktoken.Encoding("gpt2-fim", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                special_tokens={ENDOFTEXT: enc.eot_token, "<|fim_prefix|>": enc.n_vocab})
+    items = ["a <|fim_prefix|> b", eot, "c"]
+    want = enc.encode_ordinary(items[0]) + [tok.eot_id] + enc.encode_ordinary("c")
+    assert corpus_encoder(tok, np.uint32)(items).tolist() == want
+
+
+def test_counting_a_parquet_column_in_arrow_equals_counting_its_pieces(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = DOCS[:120] + [""] + DOCS[120:]  # an empty record and, below, a null one: neither is a document
+    pq.write_table(pa.table({"text": pa.array(docs[:60] + [None] + docs[60:])}), tmp_path / "d.parquet", row_group_size=40)
+    corpus = Corpus(tmp_path / "d.parquet")
+    seen = [0, 0]
+    for starts, text in corpus.pieces():
+        seen[0] += starts
+        seen[1] += len(text)
+    assert corpus.count() == corpus.count(workers=2) == tuple(seen) == (len(docs) - 1, sum(map(len, docs)))
 
 
 def test_a_list_of_paths_is_one_corpus_in_that_order(tmp_path, reference):
@@ -268,6 +322,15 @@ def parquet_without_column(d):
     return write_parquet(d / "docs.parquet", field="body"), r"has no column 'text' \(its columns: \['id', 'body'\]\)"
 
 
+def parquet_not_utf8(d):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"fine", b"also fine", b"caf\xe9"], type=pa.binary())  # a writer that did not check
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())}), d / "latin.parquet")
+    return d / "latin.parquet", r"latin\.parquet row 2: column 'text' is not valid UTF-8"
+
+
 def not_parquet(d):
     (d / "docs.parquet").write_text("not parquet")
     return d / "docs.parquet", r"not a readable Parquet file"
@@ -289,7 +352,7 @@ def empty_folder(d):
     return d / "corpus", r"holds no \.txt, \.jsonl\(\.gz/\.zst\) or \.parquet files"
 
 
-BAD = {f.__name__: f for f in (bad_jsonl, missing_field, not_an_object, not_utf8, parquet_without_column,
+BAD = {f.__name__: f for f in (bad_jsonl, missing_field, not_an_object, not_utf8, parquet_without_column, parquet_not_utf8,
                                  not_parquet, broken_gzip, all_empty, empty_folder)}
 
 

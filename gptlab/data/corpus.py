@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.data.records import (
+    count_parquet,
     hub_revision,
     is_saved_dataset,
+    parquet_group_bytes,
     read_hub,
     read_jsonl,
     read_parquet,
@@ -90,6 +92,7 @@ class Corpus:
             for f in self._listed[root]:
                 kind = "saved" if f.is_dir() else record_format(f) or "txt"
                 self.sources.append(Source(kind, f))
+        self._group_documents: dict[Path, list[int]] = {}  # a Parquet file's documents by row group
         self.revision = None
         if hf_dataset:
             self.revision = hub_revision(hf_dataset)
@@ -160,19 +163,53 @@ class Corpus:
         """(starts_a_document, text) pieces of about CHUNK_CHARS characters at most, cut at
         tokenization-safe places; empty documents are skipped. Bad input raises one DataError line."""
         for s in self.sources:
-            try:
-                if s.kind == "txt":
-                    first = True
-                    for text, nbytes in _file_text(s.path):
-                        yield first, text
-                        first = False
-                        advance(nbytes)
+            yield from self._pieces(s, advance)
+
+    def count(self, advance: Callable[[int], None] = lambda n: None, workers: int = 1) -> tuple[int, int]:
+        """(documents, characters) of what `pieces` yields, the same checks made; a Parquet column is
+        counted by Arrow without making a Python string of every record, in `workers` processes."""
+        docs = chars = 0
+        for s in self.sources:
+            if s.kind == "parquet":
+                groups, c = count_parquet(s.path, self.text_field, advance, workers)
+                self._group_documents[s.path] = groups
+                docs, chars = docs + sum(groups), chars + c
+                continue
+            for starts, text in self._pieces(s, advance):
+                docs += starts
+                chars += len(text)
+        return docs, chars
+
+    def record_groups(self, max_bytes: int) -> list[tuple[Path, int, int]] | None:
+        """(file, row group, documents) for every row group of the corpus, when it is all Parquet files
+        already counted (`count`) whose row groups hold at most `max_bytes` of text each; else None.
+        An encoding worker can then read a row group itself."""
+        if self.kinds != {"parquet"} or any(s.path not in self._group_documents for s in self.sources):
+            return None
+        out = []
+        for s in self.sources:
+            if max(parquet_group_bytes(s.path, self.text_field), default=0) > max_bytes:
+                return None
+            out += [(s.path, g, n) for g, n in enumerate(self._group_documents[s.path])]
+        return out
+
+    def _pieces(self, s: Source, advance) -> Iterator[tuple[bool, str]]:
+        try:
+            if s.kind == "txt":
+                first = True
+                for text, nbytes in _file_text(s.path):
+                    yield first, text
+                    first = False
+                    advance(nbytes)
+                return
+            for doc in self._records(s, advance):
+                if len(doc) < 2 * CHUNK_CHARS:  # nearly every record: one piece
+                    yield True, doc
                     continue
-                for doc in self._records(s, advance):
-                    for i, text in enumerate(cut(doc)):
-                        yield i == 0, text
-            except OSError as e:
-                raise fs_error(e, s.path or s.name, "read") from None
+                for i, text in enumerate(cut(doc)):
+                    yield i == 0, text
+        except OSError as e:
+            raise fs_error(e, s.path or s.name, "read") from None
 
     def _records(self, s: Source, advance) -> Iterator[str]:
         if s.kind == "jsonl":

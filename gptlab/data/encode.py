@@ -11,13 +11,17 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
+from gptlab.data.records import read_parquet
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 from gptlab.data.trained_bpe import TrainedBPETokenizer
+from gptlab.errors import DataError
 
 Items = list  # a batch of text pieces (str) and ready token ids (np.ndarray), encoded as one array
 EncodeFn = Callable[[Items], np.ndarray]
@@ -29,7 +33,7 @@ def corpus_encoder(tok, dtype: np.dtype) -> EncodeFn:
     if isinstance(tok, TrainedBPETokenizer):
         return partial(_encode_hf, tok.corpus_hf, dtype)
     if isinstance(tok, BPETokenizer):
-        one = partial(_encode_bpe, tok.enc, dtype)
+        return partial(_encode_bpe_items, tok.enc, tok.eot_id, dtype)
     elif isinstance(tok, CharTokenizer):
         one = partial(_encode_char, tok, _char_table(tok), dtype)
     else:
@@ -48,6 +52,30 @@ def _encode_hf(hf, dtype: np.dtype, items: Items) -> np.ndarray:
     texts = [item for item in items if isinstance(item, str)]
     ids = iter([e.ids for e in hf.encode_batch(texts, add_special_tokens=False)])
     return _encode_items(lambda _: np.asarray(next(ids), dtype=dtype), dtype, items)
+
+
+def _encode_bpe_items(enc, eot: int, dtype: np.dtype, items: Items) -> np.ndarray:
+    # A batch of many documents is encoded in one tiktoken call: the documents joined by the
+    # end-of-text text, with that special token allowed. tiktoken encodes the text between two
+    # special tokens exactly as if it stood alone (the ordinary pattern runs on that slice only), so the
+    # ids equal each document's own encoding with the end-of-text id between, at one call per batch
+    # instead of one per document. A document holding the special token's text itself, which must stay
+    # plain text, takes the path of one call per piece.
+    special = enc.decode_single_token_bytes(eot).decode()
+    pieces = []
+    for item in items:
+        if isinstance(item, str):
+            if special in item:
+                break
+            pieces.append(item)
+        elif item.size == 1 and item[0] == eot:
+            pieces.append(special)
+        else:
+            break
+    else:
+        return enc.encode_to_numpy("".join(pieces), allowed_special={special}, disallowed_special=()).astype(
+            dtype, copy=False)
+    return _encode_items(partial(_encode_bpe, enc, dtype), dtype, items)
 
 
 def _encode_bpe(enc, dtype: np.dtype, text: str) -> np.ndarray:
@@ -77,6 +105,38 @@ def _encode_word(tok: WordTokenizer, dtype: np.dtype, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text), dtype=dtype)
 
 
+@dataclass(frozen=True)
+class RecordGroup:
+    """A task an encoding worker reads itself: the documents of one Parquet row group, split. Reading
+    in the workers keeps the driver, which would otherwise compete with them for the cores, idle."""
+
+    path: Path
+    field: str
+    group: int
+    val: np.ndarray  # one bool per document of the group: True for validation
+    started: tuple[bool, bool]  # whether train / val already hold a document: a separator goes first
+    separator: str | np.ndarray
+
+
+def encode_task(encode: EncodeFn, task: Items | RecordGroup) -> np.ndarray | dict[str, np.ndarray]:
+    """`encode(items)`, or the {split: ids} of a RecordGroup."""
+    if not isinstance(task, RecordGroup):
+        return encode(task)
+    items: dict[str, Items] = {"train": [], "val": []}
+    started = dict(zip(items, task.started))
+    n = 0
+    for n, doc in enumerate(read_parquet(task.path, task.field, lambda _: None, [task.group]), 1):
+        split = "val" if n <= len(task.val) and task.val[n - 1] else "train"
+        if started[split]:
+            items[split].append(task.separator)
+        started[split] = True
+        items[split].append(doc)
+    if n != len(task.val):
+        raise DataError(f"{task.path} changed while it was being prepared (row group {task.group} held "
+                        f"{len(task.val)} documents, now {n}); prepare it again")
+    return {split: encode(part) for split, part in items.items() if part}
+
+
 # -- the worker pool ------------------------------------------------------------------------------
 # A forked worker process receives its encode function once, through the pool's initializer (fork
 # hands the initializer's arguments over in memory: nothing is pickled), and keeps it here. This
@@ -89,8 +149,8 @@ def _install(encode: EncodeFn) -> None:  # runs in each new worker process
     _worker_encode = encode
 
 
-def _encode_in_worker(items: Items) -> np.ndarray:
-    return _worker_encode(items)
+def _encode_in_worker(task: Items | RecordGroup) -> np.ndarray | dict[str, np.ndarray]:
+    return encode_task(_worker_encode, task)
 
 
 class Encoder:
@@ -118,7 +178,7 @@ class Encoder:
                 self._submit = partial(self._pool.submit, _encode_in_worker)
             else:
                 self._pool = ThreadPoolExecutor(max_workers=self.workers)
-                self._submit = partial(self._pool.submit, self.encode)
+                self._submit = partial(self._pool.submit, encode_task, self.encode)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,7 +191,7 @@ class Encoder:
         in_flight: deque[tuple[Tag, Future]] = deque()
         for tag, items in batches:
             if self._submit is None:
-                yield tag, self.encode(items)
+                yield tag, encode_task(self.encode, items)
                 continue
             in_flight.append((tag, self._submit(items)))
             # read ahead while the workers encode, but keep at most 2 batches per worker in flight

@@ -32,7 +32,7 @@ import numpy as np
 from gptlab.data import corpus as _corpus
 from gptlab.data.cache import CacheWriter, Prepared, cache_dir, check_prepared, load_prepared, token_dtype
 from gptlab.data.corpus import Corpus, corpus_files
-from gptlab.data.encode import Encoder, corpus_encoder
+from gptlab.data.encode import Encoder, RecordGroup, corpus_encoder
 from gptlab.data.tokenizers import ENDOFTEXT, KINDS, BPETokenizer, CharTokenizer, WordTokenizer
 from gptlab.data.trained_bpe import TrainedBPETokenizer
 from gptlab.errors import ConfigError, DataError
@@ -40,6 +40,9 @@ from gptlab.errors import ConfigError, DataError
 __all__ = ["prepare_corpus", "corpus_files", "check_prepared", "load_prepared", "Prepared", "tokenizer_key"]
 SEPARATORS = {"char": "\n", "word": f" {ENDOFTEXT} "}  # the defaults; BPE kinds use the special token
 BPE_KINDS = ("bpe", "bpe_train")
+# A Parquet corpus whose row groups hold at most this much text each is read by the encoding workers,
+# a row group per task (a few row groups per worker in flight); larger row groups are read here
+GROUP_BYTES = 16 << 20
 
 
 def tokenizer_key(spec: dict[str, Any]) -> str:
@@ -115,6 +118,23 @@ class _Plan:
                 yield split, part
             chars += len(text)
 
+    def groups(self, groups: list[tuple[Path, int, int]], field: str, advance) -> Iterator[tuple[str, RecordGroup]]:
+        """("groups", task) for the (file, row group, documents) of a corpus split by document, in order:
+        each task carries its documents' splits, and an encoding worker reads it itself."""
+        doc, done = 0, 0
+        total = sum(n for _, _, n in groups) or 1
+        size = sum(f.stat().st_size for f in dict.fromkeys(f for f, _, _ in groups))
+        for path, group, n in groups:
+            val = self.val[doc:doc + n]
+            k = int(val.sum())
+            yield "groups", RecordGroup(path, field, group, val, (self.documents["train"] > 0, self.documents["val"] > 0),
+                                        self.separator)
+            self.documents["train"] += n - k
+            self.documents["val"] += k
+            doc += n
+            advance(size * doc // total - done)
+            done = size * doc // total
+
     def _at(self, start: int, text: str) -> list[tuple[str, str]]:
         """`text`, starting at character `start`, cut at the train/val boundary."""
         end = start + len(text)
@@ -187,18 +207,25 @@ def prepare_corpus(
     if total == 0:
         raise DataError(f"the corpus {corpus} is empty")
     sep_text = separator if separator is not None else SEPARATORS.get(kind, ENDOFTEXT)
+    workers = workers or min(8, os.cpu_count() or 1)
+    if unit == "bytes" and total <= 2 * _corpus.CHUNK_CHARS:
+        workers = 1  # one chunk: nothing to overlap
 
     # Pass 1: count documents and characters and, for char/word, learn the vocabulary.
     n_docs, n_chars, chars, words = 0, 0, set(), set()
     progress, task = _progress(total, unit, "reading corpus")
     with progress:
-        for starts, text in corpus.pieces(lambda n: progress.advance(task, n)):
-            n_docs += starts
-            n_chars += len(text)
-            if kind == "char":
-                chars.update(text)
-            elif kind == "word":
-                words.update(WordTokenizer.split(text))
+        advance = lambda n: progress.advance(task, n)  # noqa: E731
+        if kind in SEPARATORS:  # char and word learn their vocabulary from the text
+            for starts, text in corpus.pieces(advance):
+                n_docs += starts
+                n_chars += len(text)
+                if kind == "char":
+                    chars.update(text)
+                else:
+                    words.update(WordTokenizer.split(text))
+        else:  # BPE learns nothing in this pass: the counts will do
+            n_docs, n_chars = corpus.count(advance, workers)
     if n_docs == 0:
         raise DataError(f"the corpus {corpus} has no text (every document is empty)")
     if n_docs > 1:  # the separators are text too
@@ -226,14 +253,19 @@ def prepare_corpus(
     plan = _Plan(*plan_args, separator=np.array([tok.eot_id], dtype=dtype) if kind in BPE_KINDS else sep_text)
 
     # Pass 3: encode into a private temporary directory, then publish it.
-    workers = workers or min(8, os.cpu_count() or 1)
-    if unit == "bytes" and total <= 2 * _corpus.CHUNK_CHARS or kind == "bpe_train":
-        workers = 1  # one chunk: nothing to overlap; HF tokenizers parallelize inside Rust
+    if kind == "bpe_train":
+        workers = 1  # HF tokenizers parallelize inside Rust
     progress, task = _progress(total, unit, f"tokenizing ({tok_key})")
     with CacheWriter(final, dtype) as writer, Encoder(corpus_encoder(tok, dtype), workers) as encoder, progress:
-        items = plan.items(corpus.pieces(lambda n: progress.advance(task, n)))
-        for name, ids in encoder.ordered(_batches(items, _corpus.CHUNK_CHARS)):
-            writer.write(name, ids)
+        advance = lambda n: progress.advance(task, n)  # noqa: E731
+        groups = corpus.record_groups(GROUP_BYTES) if plan.by_document else None
+        if groups is not None:  # Parquet row groups, which the workers read themselves
+            stream = plan.groups(groups, corpus.text_field, advance)
+        else:
+            stream = _batches(plan.items(corpus.pieces(advance)), _corpus.CHUNK_CHARS)
+        for name, ids in encoder.ordered(stream):
+            for split, part in ids.items() if name == "groups" else [(name, ids)]:
+                writer.write(split, part)
         if min(writer.counts.values()) == 0:
             raise DataError(
                 f"the corpus is too small to split: {writer.counts['train']} train and "
