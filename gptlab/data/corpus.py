@@ -203,9 +203,6 @@ class Corpus:
                     advance(nbytes)
                 return
             for doc in self._records(s, advance):
-                if len(doc) < 2 * CHUNK_CHARS:  # nearly every record: one piece
-                    yield True, doc
-                    continue
                 for i, text in enumerate(cut(doc)):
                     yield i == 0, text
         except OSError as e:

@@ -17,8 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gptlab.errors import DataError
 from gptlab.files import json_object
 
@@ -150,16 +148,16 @@ def _parquet_columns(pf, path: Path, field: str, advance: Advance, groups: list[
 
     meta = pf.metadata
     size, rows = path.stat().st_size, max(1, meta.num_rows)
-    starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]).tolist()
     # One reader per row group: a single iter_batches over the whole file keeps Arrow memory growing
     # with every batch (pyarrow 25: +0.6 MB per 1024 rows), so peak memory grew with the file
     for group in range(meta.num_row_groups) if groups is None else groups:
-        row = starts[group]
+        row = 0  # within the group
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=[field], use_threads=False):
             column = batch.column(0)
             try:
                 column.validate(full=True)  # Arrow does not check a string column's UTF-8 on reading
             except pa.ArrowInvalid as e:
+                row += sum(meta.row_group(g).num_rows for g in range(group))  # of the file
                 at = str(e).rsplit(" ", 1)[-1]
                 where = f"row {row + int(at)}" if at.isdigit() else f"rows {row}-{row + len(column) - 1}"
                 raise DataError(f"{path} {where}: column {field!r} is not valid UTF-8 ({e})") from None
