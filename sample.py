@@ -13,7 +13,7 @@ from gptlab import checkpoint
 from gptlab.config import validate_dataclass
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.jobs import run
+from gptlab.run.job import run
 from gptlab.sampling import generate, start_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

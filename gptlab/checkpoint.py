@@ -15,7 +15,7 @@ so it loads with `weights_only=True`):
       "optimizer_states", "lr_schedulers", "loops", "callbacks", "TokenDataModule": {...}, ...
     }
 
-Lightning fills most of it (`save_hyperparameters`, `LanguageModel.on_save_checkpoint`, the
+Lightning writes and reads it through `AtomicCheckpointIO` (below) and fills most of it (`save_hyperparameters`, `LanguageModel.on_save_checkpoint`, the
 DataModule's `state_dict`); `new_checkpoint` builds the same layout for imported weights. Every
 file goes through `save` (atomic, umask modes) and comes back through `load` (`weights_only=True`).
 """
@@ -31,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
 from gptlab.errors import CheckpointError
-from gptlab.files import atomic_write
+from gptlab.files import atomic_write, remove_stale
 
 FORMAT = 1
 MODULE_PREFIX = "model."  # the LightningModule holds the model as `self.model`
@@ -190,3 +192,23 @@ def new_checkpoint(
         "global_step": 0,
         "epoch": 0,
     }
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes through `gptlab.checkpoint.save` (a crash or a full disk mid-write leaves the previous
+    checkpoint intact) and reads through `gptlab.checkpoint.load` (`weights_only=True`). The first
+    write of a run removes temporary files that killed runs left in the checkpoint directory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()
+
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        if path.parent not in self._swept:
+            remove_stale(path.parent, (".*.tmp",))
+            self._swept.add(path.parent)
+        save(checkpoint_dict, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load(path, map_location=map_location or "cpu")

@@ -1,7 +1,7 @@
 """Errors that reach the user as one short line instead of a traceback, and how to find them.
 
 Everything gptlab raises for a problem the user can fix is a GptlabError. The entry points report it
-with `one_line`; a multirun records it in the failed job's directory (gptlab.jobs).
+with `one_line`; a multirun records it in the failed job's directory (gptlab.run.job).
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite sets its own environment: a developer's HYDRA_FULL_ERROR=1 (tracebacks instead of gptlab's
+# one-line errors and failure markers) or a tracker's settings (a W&B project, an MLflow server) would
+# change what the runs under test do. Removed before anything runs, so subprocesses inherit none of them.
+for _var in [v for v in os.environ if v == "HYDRA_FULL_ERROR" or v.startswith(("WANDB_", "MLFLOW_"))]:
+    del os.environ[_var]
+
 
 def _find_corpus() -> tuple[Path | None, str | None]:
     """(the corpus, None) or (None, why it could not be had)."""

@@ -16,7 +16,7 @@ from gptlab.errors import CheckpointError, NonFiniteLossError
 from gptlab.files import FilesystemError, owner_tag
 from gptlab.models import build_model
 from gptlab.training import LanguageModel
-from gptlab.training.checkpoint_io import AtomicCheckpointIO
+from gptlab.checkpoint import AtomicCheckpointIO
 
 from conftest import SHAKESPEARE
 from inprocess import run_sample

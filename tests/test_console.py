@@ -1,4 +1,4 @@
-"""gptlab.console: the step progress bar (no epoch counter, validation shown once, the last line
+"""gptlab.run.console: the step progress bar (no epoch counter, validation shown once, the last line
 ended before Lightning's closing message), quiet_lightning, the end-of-run summary and job line."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SHAKESPEARE, TINY
-from gptlab.console import job_line, quiet_lightning, summary
+from gptlab.run.console import job_line, quiet_lightning, summary
 from inprocess import run_sample, run_train
 
-# conf/callbacks/default.yaml: progress_bar is gptlab.console.StepProgressBar
+# conf/callbacks/default.yaml: progress_bar is gptlab.run.console.StepProgressBar
 
 
 def train_with_bar(tmp_path: Path, capfd, plain: bool) -> str:

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from gptlab import checkpoint  # noqa: E402
+from gptlab.config import RUN_SWITCHES  # noqa: E402
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
 from gptlab.errors import CheckpointError, ConfigError  # noqa: E402
 from gptlab.files import FilesystemError, temp_name  # noqa: E402
@@ -858,8 +859,12 @@ def shakespeare_chars() -> CharTokenizer:
 def llama_nano_ckpt(path: Path, tokenizer, tied: bool = False, seed: int = 0) -> Path:
     """A gptlab checkpoint of conf/model/llama_nano.yaml's shape (tied: with 3 key/value heads), random
     weights far from any initialisation (norm gains around 1)."""
-    cfg = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "llama_nano.yaml")),
-           "vocab_size": tokenizer.vocab_size}
+    from inprocess import compose_config
+
+    model_cfg = compose_config(["model=llama_nano"]).model
+    cfg = {**OmegaConf.to_container(model_cfg, resolve=True), "vocab_size": tokenizer.vocab_size}
+    for switch in RUN_SWITCHES:
+        cfg.pop(switch, None)
     if tied:
         cfg.update(tie_weights=True, n_kv_head=3)
     torch.manual_seed(seed)

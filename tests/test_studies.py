@@ -1,5 +1,5 @@
 """Optuna studies through train.py: persisted in SQLite, surviving diverging trials, continued after a kill
-to exactly n_trials, and shared by concurrent sweepers (gptlab/sweeper.py)."""
+to exactly n_trials, and shared by concurrent sweepers (gptlab/run/optuna_sweeper.py)."""
 
 from __future__ import annotations
 

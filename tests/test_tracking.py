@@ -1,4 +1,4 @@
-"""Trackers (gptlab/tracking.py): CSV, W&B (offline), MLflow (SQLite store) and TensorBoard, alone and
+"""Trackers (gptlab/run/trackers.py): CSV, W&B (offline), MLflow (SQLite store) and TensorBoard, alone and
 together, read back with each tool's own reader; resume continues the same W&B and MLflow run."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from conftest import SHAKESPEARE, TINY, read_scalars
 from hydra.core.hydra_config import HydraConfig
 from inprocess import compose_config, run_train
 
-from gptlab import checkpoint, tracking
+from gptlab import checkpoint
+from gptlab.run import trackers as tracking
 from gptlab.errors import ConfigError
 
 QUICK = ["trainer.max_steps=6", "trainer.val_check_interval=3", "~callbacks.text_sample", "~callbacks.throughput"]

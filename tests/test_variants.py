@@ -12,7 +12,7 @@ from conftest import SHAKESPEARE, TINY
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import build_model
 from gptlab.sampling import generate
-from gptlab.training.attention import attention_grid, attention_probs
+from gptlab.training.attention_maps import attention_grid, attention_probs
 from inprocess import run_sample, run_train
 
 VARIANTS = {
@@ -149,8 +149,8 @@ RUNS = {
     "rmsnorm-swiglu": ["model=gpt_nano", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
     # the attention pictures skip loggers other than TensorBoard
     "relu2": ["model=gpt_nano", "model.mlp=relu2", "model.mlp_hidden=64", "logger=none", "~callbacks.lr_monitor",
-              "++callbacks.attention_maps._target_=gptlab.training.attention.AttentionMaps"],
-    "llama_micro": ["model=llama_micro", "++callbacks.attention_maps._target_=gptlab.training.attention.AttentionMaps",
+              "++callbacks.attention_maps._target_=gptlab.training.attention_maps.AttentionMaps"],
+    "llama_micro": ["model=llama_micro", "++callbacks.attention_maps._target_=gptlab.training.attention_maps.AttentionMaps",
                     "++callbacks.attention_maps.max_tokens=8"],
 }
 

@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write
-from gptlab.report.jobs import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
-                                read_job, sort_jobs, sweep_name)
+from gptlab.report.collect import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
+                                read_job, sort_jobs)
+from gptlab.run.naming import sweep_name
 from gptlab.report.study import load_study, plot_study, sweep_settings
 from gptlab.report.write import markdown, plot_val_loss, text_table, write_csv
 

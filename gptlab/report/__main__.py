@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptlab.jobs import run
+from gptlab.run.job import run
 from gptlab.report import report
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.files import atomic_write
-from gptlab.report.jobs import Job, natural, read_yaml
+from gptlab.report.collect import Job, natural, read_yaml
 
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from gptlab.files import atomic_write
-from gptlab.report.jobs import Job
+from gptlab.report.collect import Job
 
 REASON_WIDTH = 60
 LABEL_WIDTH = 60

@@ -74,7 +74,6 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = 0
         self.micro_step = 0  # micro-batches trained on (optimizer steps x accumulation)
         self.best_val_loss = float("inf")
-        self.tracker_ids: dict[str, Any] = {}  # the tracker runs a resumed run continues
         self.validation_seconds = 0.0  # wall-clock spent validating (reported by train.py)
         self._validation_started = 0.0
         self._compiled = False
@@ -191,18 +190,15 @@ class LanguageModel(L.LightningModule):
 
     # -- checkpoint -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from gptlab.tracking import run_ids
-
-        checkpoint["gptlab"] = {
+        # update, not replace: the TrackerRunIds callback (gptlab.run.trackers) adds "trackers"
+        checkpoint.setdefault("gptlab", {}).update({
             "format": FORMAT,
             "tokens_seen": self.tokens_seen,
             "micro_step": self.micro_step,
             "best_val_loss": self.best_val_loss,
             # the last logged values: a finished run that is resumed (a requeue) reports them
             "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1},
-            # the W&B/MLflow runs a resume continues; ids of trackers this session does not use are kept
-            "trackers": {**self.tracker_ids, **run_ids(self.loggers)},
-        }
+        })
         # Flush the event files first, so that what a checkpoint claims was logged is on disk.
         for logger in self.loggers:
             logger.save()
@@ -212,6 +208,5 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.micro_step = int(state.get("micro_step", 0))
         self.best_val_loss = float(state.get("best_val_loss", float("inf")))
-        self.tracker_ids = dict(state.get("trackers") or {})
         # accept checkpoints of compiled models saved by other tools (`model._orig_mod.x`)
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])

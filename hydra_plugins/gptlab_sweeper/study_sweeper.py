@@ -1,5 +1,5 @@
 """Hydra finds sweepers only under the `hydra_plugins` namespace: this is where gptlab's Optuna sweeper
-(gptlab/sweeper.py) is registered. Hydra imports every plugin module at start, so nothing heavy here."""
+(gptlab/run/optuna_sweeper.py) is registered. Hydra imports every plugin module at start, so nothing heavy here."""
 
 try:
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -14,6 +14,6 @@ if OptunaSweeper is not None:
         recorded and the study goes on)."""
 
         def __init__(self, **kwargs) -> None:
-            from gptlab.sweeper import StudySweeperImpl
+            from gptlab.run.optuna_sweeper import StudySweeperImpl
 
             self.sweeper = StudySweeperImpl(**kwargs)

@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from gptlab.errors import ConfigError
-# the DONE / FAILED markers at the top of a run directory belong to gptlab.jobs, which writes them
-from gptlab.jobs import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401  (re-exported for gptlab.report)
+from gptlab.run.naming import run_name
+# the DONE / FAILED markers at the top of a run directory belong to gptlab.run.job, which writes them
+from gptlab.run.job import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401  (re-exported for gptlab.report)
 
 Curve = list[tuple[int, float]]
 
@@ -191,36 +192,15 @@ def read_job(run: Path) -> Job:
     )
 
 
-def _short(override: str) -> str:
-    """`optim.lr=0.00024373700083914676` as `optim.lr=0.0002437` (a sampled value's digits)."""
-    key, sep, value = override.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        return override
-    return f"{key}={number:.4g}" if sep and len(value) > 8 and not value.isdigit() else override
-
-
 def name_jobs(jobs: list[Job]) -> None:
     """Each job's overrides minus those every job of the group shares, or its experiment's name."""
     common = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
     for job in jobs:
-        rest = [_short(o) for o in job.overrides if o not in common]
-        job.name = ",".join(rest) or job.experiment or job.path.name
+        job.name = run_name(job.overrides, common, job.experiment or job.path.name)
     counts = Counter(j.name for j in jobs)
     for job in jobs:
         if counts[job.name] > 1:
             job.name = f"{job.name} ({job.path.name})"
-
-
-def sweep_name(run_dir: str | os.PathLike) -> str:
-    """A running job's name without the rest of its sweep: its overrides minus those given verbatim on
-    the sweep's command line (the fixed ones; swept ones were lists or ranges there)."""
-    run_dir = Path(run_dir)
-    overrides = [str(o) for o in (read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])]
-    launch = ((read_yaml(run_dir.parent / "multirun.yaml") or {}).get("hydra") or {}).get("overrides") or {}
-    fixed = {str(o) for o in launch.get("task") or []}
-    return ",".join(o for o in overrides if o not in fixed) or run_dir.name
 
 
 def sort_jobs(jobs: list[Job], direction: str = "minimize") -> list[Job]:

@@ -48,7 +48,7 @@ class SweepTally(Callback):
         self.started = time.time() - 1.0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gptlab.jobs import read_marker
+        from gptlab.run.job import read_marker
 
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sorted((p for p in sweep_dir.glob("[0-9]*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))

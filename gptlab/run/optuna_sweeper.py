@@ -10,7 +10,7 @@ in its storage (Optuna's RDB storage: SQLite by default, any SQLAlchemy URL), so
   not counted; finished ones are kept;
 - several sweeper processes on one storage and study name split the budget between them (each
   recounts before asking for a trial);
-- a trial whose job failed (gptlab.jobs writes FAILED and returns None) is told to Optuna as FAIL.
+- a trial whose job failed (gptlab.run.job writes FAILED and returns None) is told to Optuna as FAIL.
 
 Job directories are named by trial number, so they stay distinct across restarts and sweepers.
 Hydra instantiates it through hydra_plugins/gptlab_sweeper/study_sweeper.py (Hydra's plugin namespace).

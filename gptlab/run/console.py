@@ -2,7 +2,7 @@
 warnings, one end-of-run block with the paths and next commands, and one line per finished sweep job.
 
     quiet_lightning()                     # before the Trainer is created
-    # conf/callbacks/default.yaml: progress_bar: {_target_: gptlab.console.StepProgressBar}
+    # conf/callbacks/default.yaml: progress_bar: {_target_: gptlab.run.console.StepProgressBar}
     print(summary(run_dir, best_ckpt, last_ckpt, "val/loss", 1.70, steps=600, seconds=151))
     print(job_line(run_dir, "val/loss", 1.70, steps=600, seconds=151))   # instead, in a multirun
 """
@@ -287,7 +287,7 @@ def job_line(run_dir: str | os.PathLike, metric: str, value: float | None, steps
     """One line for a finished job of a multirun: `[job 3] optim.lr=0.003,model.n_layer=4: val/loss
     1.7012 after 600 steps in 2:31 (outputs/.../3)`. `name`: the job's overrides minus the sweep's
     fixed ones (the default, read from the job's .hydra/overrides.yaml and the sweep's multirun.yaml)."""
-    from gptlab.report.jobs import sweep_name
+    from gptlab.run.naming import sweep_name
 
     run_dir = Path(run_dir)
     name = name if name is not None else sweep_name(run_dir)

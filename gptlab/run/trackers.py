@@ -22,37 +22,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import ConfigError
+from gptlab.run import naming
 
 if TYPE_CHECKING:
     from gptlab.checkpoint import Info
 
 EXTRA = 'pip install "gptlab[track]"'
-# overrides that say where a run goes or how it is watched, not what it trains
-NOISE = ("hydra", "paths", "log_dir", "data_dir", "ckpt_path", "resume", "logger", "callbacks", "data.path")
 
 
 # -- names and hyperparameters ------------------------------------------------------------------
 def run_name(cfg: DictConfig) -> str:
-    """What trackers call this job: its overrides minus the noise, else the experiment's name."""
+    """What trackers call this job (gptlab.run.naming's rule), else its experiment's name."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return str(cfg.get("task_name") or "train")
     hydra_cfg = HydraConfig.get()
-    kept = [o for o in hydra_cfg.overrides.task if not _is_noise(o)]
-    if kept:
-        return ",".join(kept)
-    return str(hydra_cfg.runtime.choices.get("experiment") or cfg.get("task_name") or "train")
-
-
-def _is_noise(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("~+")
-    return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)
+    fallback = str(hydra_cfg.runtime.choices.get("experiment") or cfg.get("task_name") or "train")
+    return naming.run_name(hydra_cfg.overrides.task, fallback=fallback)
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -187,6 +180,20 @@ def run_ids(loggers: list[Logger]) -> dict[str, str]:
         elif isinstance(logger, MLFlowLogger) and logger.run_id:
             ids["mlflow"] = str(logger.run_id)
     return ids
+
+
+class TrackerRunIds(Callback):
+    """Keeps the W&B and MLflow run ids in the checkpoint (`gptlab.trackers`), so that a resume continues
+    those runs; the ids of trackers this session does not use are kept for a later one that does."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self.ids = dict((checkpoint.get("gptlab") or {}).get("trackers") or {})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("gptlab", {})["trackers"] = {**self.ids, **run_ids(trainer.loggers)}
 
 
 def finish(loggers: list[Logger], status: str) -> None:
