@@ -15,14 +15,55 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = SHARED / "tinyshakespeare.txt"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 RESULTS = ROOT / "bench" / "results"
+# A directory holding tinyshakespeare.txt and optionally tiktoken_cache/ (as for the test suite);
+# without it the corpus comes from gptlab's own cache, downloaded once.
+DATA = os.environ.get("GPTLAB_TEST_DATA")
 
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+if DATA and (Path(DATA) / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(DATA) / "tiktoken_cache"))
+
+
+def corpus() -> Path:
+    """Tiny Shakespeare: $GPTLAB_TEST_DATA/tinyshakespeare.txt, else gptlab's cache (sha256-checked download)."""
+    if DATA and (Path(DATA) / "tinyshakespeare.txt").is_file():
+        return Path(DATA) / "tinyshakespeare.txt"
+    from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
+
+    return download(TINY_SHAKESPEARE_URL, default_data_dir() / "corpora" / "tinyshakespeare.txt", TINY_SHAKESPEARE_SHA256)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SHAKESPEARE":  # looked up when first used, so that `--help` needs no corpus
+        globals()[name] = corpus()
+        return globals()[name]
+    raise AttributeError(name)
+
+
+def compose(overrides: Sequence[str]):
+    """conf/train.yaml with `overrides`, as `python train.py <overrides>` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose("train", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def model_config(name: str, **changes: Any) -> dict[str, Any]:
+    """The shape of conf/model/<name>.yaml (its base config included, the run switches left out), with `changes`."""
+    from omegaconf import OmegaConf
+
+    from gptlab.config import RUN_SWITCHES
+
+    model = OmegaConf.to_container(compose([f"model={name}", "~experiment"]).model, resolve=True)
+    return {**{k: v for k, v in model.items() if k not in RUN_SWITCHES}, **changes}
 
 
 def cpu_model() -> str:

@@ -29,6 +29,7 @@ last checkpoint), the same ~111k characters of text for every tokenizer.
     python bench/bpb.py                        # 120 s per tokenizer (+ probes, data, evaluation)
     python bench/bpb.py --seconds 300
     python bench/bpb.py --quick                # smoke run: 10 s each
+    python bench/bpb.py --tiny                 # seconds: char only, a 2-layer model, 2 s of training, no probe
 
 Writes bench/results/bpb.json (or --out).
 """
@@ -53,6 +54,7 @@ TOKENIZERS = {  # name: (data.* overrides, description)
     "bpe4096": ({"tokenizer": "bpe_train", "vocab_size": 4096}, "byte-level BPE trained on the training split"),
 }
 BATCH = 24  # the quick CPU preset's data.batch_size
+TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]
 WARMUP = 50  # the preset's optim.warmup_steps (Muon)
 
 
@@ -66,9 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=None, help="steps of the step-time probe (default: 30; --quick: 12)")
     p.add_argument("--no-whole-val", action="store_true", help="skip the whole-validation-split bpb")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s each, 12-step probes")
+    p.add_argument("--tiny", action="store_true", help="seconds: char only, 2 layers x 32 channels, 32 bytes of "
+                   "context, no probe, 2 s of training (checks the code paths; the figures mean nothing)")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/bpb.json)")
     args = p.parse_args(argv)
+    args.model = []  # model.* overrides of the quick preset's model
+    if args.tiny:
+        args.tokenizers, args.seconds, args.context_bytes = "char", 2, 32
+        args.model = TINY_MODEL
     args.seconds = args.seconds or (10 if args.quick else 120)
     args.probe_steps = args.probe_steps or (12 if args.quick else 30)
     if args.seconds < 1 or args.probe_steps < 8:
@@ -91,8 +99,8 @@ def prepare(name: str, data: dict, data_dir: str):
 
 
 # -- runs of train.py ----------------------------------------------------------------------------------
-def overrides(data: dict, data_dir: str, block: int, run_dir: Path) -> list[str]:
-    return [
+def overrides(data: dict, data_dir: str, block: int, run_dir: Path, model: list[str]) -> list[str]:
+    return [*model,
         f"data.path={C.SHAKESPEARE}", f"data.data_dir={data_dir}", f"data.batch_size={BATCH}",
         *(f"data.{k}={v}" for k, v in data.items()),
         f"model.block_size={block}", f"hydra.run.dir={run_dir}",
@@ -119,10 +127,10 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     return {tag: [(e.step, e.wall_time, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def probe(data: dict, data_dir: str, block: int, steps: int, work: Path) -> float:
+def probe(data: dict, data_dir: str, block: int, steps: int, work: Path, model: list[str]) -> float:
     """Seconds per optimizer step of this configuration, steady state (after the first 5 steps)."""
     run_dir = work / "probe"
-    train(overrides(data, data_dir, block, run_dir) + [
+    train(overrides(data, data_dir, block, run_dir, model) + [
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "data.val_windows=4",
         f"optim.warmup_steps={steps}",
     ])
@@ -138,11 +146,12 @@ def max_time(seconds: int) -> str:
     return f"{d:02d}:{h:02d}:{m:02d}:{s:02d}"
 
 
-def run(name: str, data: dict, data_dir: str, block: int, step_s: float, seconds: int, work: Path) -> dict:
+def run(name: str, data: dict, data_dir: str, block: int, step_s: float, seconds: int, work: Path,
+        model: list[str]) -> dict:
     decay = max(2, int(0.95 * seconds / step_s))
     warmup = min(WARMUP, decay // 10)
     run_dir = work / name
-    out, wall = train(overrides(data, data_dir, block, run_dir) + [
+    out, wall = train(overrides(data, data_dir, block, run_dir, model) + [
         "trainer.max_steps=100000000", f"+trainer.max_time='{max_time(seconds)}'",
         "trainer.val_check_interval=100000000", f"optim.decay_steps={decay}", f"optim.warmup_steps={warmup}",
     ])
@@ -208,8 +217,10 @@ def main(argv=None) -> dict:
             row, dm, token_bytes = prepare(name, data, data_dir)
             row.update(tokenizer=TOKENIZERS[name][1], prepare_s=time.perf_counter() - t0)
             block = max(8, round(args.context_bytes / row["bytes_per_token"]))
-            step_s = probe(data, data_dir, block, args.probe_steps, work / f"{name}-probe")
-            row.update(run(name, data, data_dir, block, step_s, args.seconds, work))
+            # --tiny: no probe run, a schedule of 20 steps over the budget
+            step_s = args.seconds / 20 if args.tiny else probe(data, data_dir, block, args.probe_steps,
+                                                               work / f"{name}-probe", args.model)
+            row.update(run(name, data, data_dir, block, step_s, args.seconds, work, args.model))
             row["whole_val_bpb"] = None if args.no_whole_val else whole_val_bpb(row["run_dir"], dm.val_tokens, token_bytes)
             row["train_bytes_per_s"] = row["tokens_per_s"] * row["bytes_per_token"]
             rows.append(row)

@@ -7,7 +7,7 @@ from repeat to repeat (so slow drift of the machine cancels); the table shows th
 repeats and the speedup = no-cache time / cache time.
 
     python bench/generate.py                       # 256, 500, 1000 new tokens, 3 repeats
-    python bench/generate.py --new-tokens 20 --repeats 1   # smoke test
+    python bench/generate.py --tiny                # seconds: a 2-layer model of block 16, past its block
 
 Writes bench/results/generate.json (or --out).
 """
@@ -20,7 +20,6 @@ import time
 
 import _common as C
 import torch
-import yaml
 
 from gptlab.models import build_model
 from gptlab.sampling import generate
@@ -38,15 +37,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample (temperature 1, a torch.Generator seeded the same for both sides) instead of greedy")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--warmup-tokens", type=int, default=8, help="untimed warm-up generation per side")
+    p.add_argument("--tiny", action="store_true", help="seconds: 2 layers of 32 channels, block 16, 8 and 24 new "
+                   "tokens, 2 repeats (checks the code paths; the figures mean nothing)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/generate.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.new_tokens, args.repeats, args.warmup_tokens = "8,24", 2, 2
+    return args
 
 
-def load_model(name: str, vocab_size: int, seed: int) -> torch.nn.Module:
-    cfg = yaml.safe_load((C.ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    cfg["vocab_size"] = vocab_size
-    cfg["compile"] = False
-    cfg["init_from"] = None
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def load_model(name: str, vocab_size: int, seed: int, tiny: bool = False) -> torch.nn.Module:
+    cfg = C.model_config(name, vocab_size=vocab_size, **(TINY if tiny else {}))
     torch.manual_seed(seed)
     model = build_model(cfg)
     model.eval()
@@ -66,7 +70,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = C.int_list(args.new_tokens)
-    model = load_model(args.model, args.vocab_size, args.seed)
+    model = load_model(args.model, args.vocab_size, args.seed, args.tiny)
     block = model.config.block_size
     info = C.machine_info()
     print(f"[bench] {C.machine_line(info)}")

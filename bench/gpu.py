@@ -6,6 +6,7 @@ comparison; about 5 minutes on an H100 (most of it torch.compile).
     python bench/gpu.py --only baby,sample       # some of them (baby, gpt2, sample)
     python bench/gpu.py --peak-flops 989e12      # MFU against this peak (default: Lightning's table)
     python bench/gpu.py --device cpu --quick     # tiny sizes, a few steps: checks the code paths on a CPU
+    python bench/gpu.py --tiny                   # --quick on the GPU; without CUDA it says so and skips
 
 Sections
   baby    conf/model/baby_shakespeare.yaml (6 layers / 6 heads / 384, block 256, dropout 0.2) on tiny
@@ -56,13 +57,13 @@ import yaml
 from train_throughput import quiet_lightning, step_seed
 
 SECTIONS = ("baby", "gpt2", "sample")
-KIT_DATA = C.ROOT / ".gpu" / "data"  # what the GPU check kit brings (shared/gpu/pack.sh)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few steps: checks the code paths")
+    p.add_argument("--tiny", action="store_true", help="--quick on --device; skipped (exit status 0) without CUDA")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16-mixed", "16-mixed", "32-true"], default=None,
                    help="training precision (default: bf16-mixed, 16-mixed on GPUs without bfloat16)")
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=None, help="sample: new tokens (default: 1000; quick: 40)")
     p.add_argument("--sample-repeats", type=int, default=3, help="sample: timed runs per side (default: %(default)s)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU, e.g. 989e12")
-    p.add_argument("--data", default=None, help="tiny Shakespeare text (default: ../shared/data or .gpu/data)")
+    p.add_argument("--data", default=None, help="tiny Shakespeare text (default: $GPTLAB_TEST_DATA or gptlab's cache)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/gpu-<device>[-quick].json)")
     return p.parse_args(argv)
@@ -103,17 +104,10 @@ class Run:
     results: dict[str, list[dict]] = field(default_factory=lambda: {"raw": [], "lightning": []})
 
 
-def model_config(name: str, **changes) -> dict[str, Any]:
-    cfg = yaml.safe_load((C.ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    cfg.update(changes)
-    return cfg
-
-
 def corpus(arg: str | None) -> str:
-    for candidate in ([arg] if arg else [C.SHAKESPEARE, KIT_DATA / "tinyshakespeare.txt"]):
-        if candidate and os.path.isfile(candidate):
-            return str(candidate)
-    raise SystemExit(f"no corpus: pass --data <tinyshakespeare.txt> (looked in {C.SHAKESPEARE} and {KIT_DATA})")
+    if arg and not os.path.isfile(arg):
+        raise SystemExit(f"--data {arg}: no such file")
+    return arg or str(C.SHAKESPEARE)
 
 
 def datamodule(run: Run, path: str, data_dir: str, seed: int, pin: bool):
@@ -360,6 +354,11 @@ def peak_flops(args, device: torch.device, precision: str) -> tuple[float | None
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.tiny:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"[bench] gpu --tiny: skipped, no CUDA device here (--device {args.device})")
+            return {}
+        args.quick = True
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device here; use --device cpu --quick to check the code paths")
     sections = [s for s in args.only.split(",") if s]
@@ -368,9 +367,6 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
-    cache = KIT_DATA / "tiktoken_cache"
-    if not os.path.isdir(os.environ.get("TIKTOKEN_CACHE_DIR", "")) and cache.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     precision = args.precision or ("16-mixed" if device.type == "cuda" and not torch.cuda.is_bf16_supported()
                                    else "bf16-mixed")
     backend = args.compile or ("eager" if device.type == "cpu" else "inductor")
@@ -385,11 +381,11 @@ def main(argv=None) -> dict:
           f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'n/a'} ({peak_how}); float32 matmul precision "
           f"{torch.get_float32_matmul_precision()}{'; QUICK: tiny sizes, figures mean nothing' if q else ''}")
 
-    baby_cfg = model_config("baby_shakespeare", **(dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if q else {}))
+    baby_cfg = C.model_config("baby_shakespeare", **(dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if q else {}))
     runs = {
         "baby": Run("baby", baby_cfg, args.batch or (8 if q else 64), args.steps or (8 if q else 200),
                     args.warmup if args.warmup is not None else (2 if q else 20), args.rounds, "char"),
-        "gpt2": Run("gpt2-124m", model_config("gpt2", **(dict(n_layer=2, n_head=2, n_embd=64, block_size=128) if q else {})),
+        "gpt2": Run("gpt2-124m", C.model_config("gpt2", **(dict(n_layer=2, n_head=2, n_embd=64, block_size=128) if q else {})),
                     args.gpt2_batch or (2 if q else 16), args.gpt2_steps or (4 if q else 50),
                     args.gpt2_warmup if args.gpt2_warmup is not None else (1 if q else 10), args.gpt2_rounds, "bpe"),
     }

@@ -47,6 +47,7 @@ trainer's word table stays small: a real corpus of that size needs more memory t
     python bench/prepare.py --bpe-train 100
     python bench/prepare.py --formats text,jsonl,parquet --sizes 2           # smoke tests
     python bench/prepare.py --bpe-train 2
+    python bench/prepare.py --tiny                            # seconds: 0.2 MB, 2 workers (--formats, --bpe-train too)
 
 Writes bench/results/prepare.json, prepare_formats.json or prepare_bpe_train.json (or --out).
 """
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time training the BPE of --vocab tokens on SIZE_MB of text instead")
     p.add_argument("--vocab", type=int, default=4096, help="--bpe-train: vocabulary size (default: %(default)s)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary directory goes (default: %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="seconds: 0.2 MB at 2 workers, one repeat (with --bpe-train: "
+                   "0.2 MB, 512 tokens); checks the code paths, the figures mean nothing")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/prepare*.json)")
     p.add_argument("--child", nargs=4, metavar=("CORPUS", "OUT_ROOT", "WORKERS", "TOKENIZER_JSON"), help=argparse.SUPPRESS)
@@ -91,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.formats and args.bpe_train:
         p.error("--formats and --bpe-train are separate runs")
+    if args.tiny:
+        args.sizes, args.workers, args.repeats, args.vocab = "0.2", "2", 1, 512
+        args.bpe_train = args.bpe_train and 0.2
     args.sizes = args.sizes or ("10,100" if args.formats else "10,100,1000")
     args.workers = args.workers or ("2" if args.formats else "1,2")
     return args

@@ -11,15 +11,14 @@ is timed before and after the presets, and every "x raw" divides by the mean of 
 Equal wall-clock: each run of the ablation trains for the record's steps x (the record's ms/step /
 its own), both measured side by side in this process just before (interleaved rounds of real
 optimizer steps, medians), so that it spends the record's training time at its own step cost, at
-the same machine speed. This VM's speed drifts by 10-25% within the ablation's hour, so the runs'
-own clocks differ by that much; fixed seconds (trainer.max_time) were tried and compare worse: the
-later runs then get fewer steps for the same seconds (217 -> 267 ms/step over five runs of one
-preset's variants). The record preset is trained twice (two seeds) to show how far apart runs land
-by chance.
+the same machine speed. Steps rather than seconds (trainer.max_time): a machine whose speed drifts
+during the ablation would give the later runs fewer steps for the same seconds. The record preset
+is trained twice (two seeds) to show how far apart runs land by chance.
 
     python bench/quality.py                                   # everything (35-60 minutes on a 2-core CPU)
     python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
     python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate pos
+    python bench/quality.py --tiny                            # seconds: the raw loop, the record and its pos ablation
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, SHAKESPEARE, machine_info, machine_line, table, write_results
+import _common as C
+from _common import ROOT, machine_info, machine_line, table, write_results
 
 
 def train_step(model, opt, x, y) -> None:
@@ -58,7 +58,7 @@ def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
     from gptlab.training.optim import lr_factor
 
     T, B, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
-    dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=data_dir, block_size=T)
+    dm = TokenDataModule(path=str(C.SHAKESPEARE), data_dir=data_dir, block_size=T)
     dm.prepare_data()
     dm.setup()
     torch.manual_seed(1337)
@@ -108,14 +108,11 @@ RECORD = "shakespeare_char_cpu_record"
 OPTIONS = ("pos", "norm", "mlp", "qk_norm", "n_kv_head", "bias", "tie_weights")
 
 
-def compose(experiment: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+TINY_MODEL = ("model.n_layer=2", "model.n_head=2", "model.n_embd=32", "data.batch_size=4")
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=[f"experiment={experiment}", *overrides])
+
+def compose(experiment: str, overrides: list[str]):
+    return C.compose([f"experiment={experiment}", *overrides])
 
 
 def ablations(experiment: str) -> dict[str, list[str]]:
@@ -123,7 +120,7 @@ def ablations(experiment: str) -> dict[str, list[str]]:
     from omegaconf import OmegaConf
 
     record = OmegaConf.to_container(compose(experiment, []).model, resolve=True)
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gpt_micro.yaml"))
+    base = C.model_config("gpt_micro")
     value = lambda v: "null" if v is None else str(v).lower()  # noqa: E731
     return {f"{k}: {value(record.get(k))} -> {value(base[k])}": [f"model.{k}={value(base[k])}"]
             for k in OPTIONS if record.get(k) != base.get(k)}
@@ -168,7 +165,7 @@ def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str,
     run_dir = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", label or name)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"experiment={name}", f"data.path={SHAKESPEARE}",
+        [sys.executable, str(ROOT / "train.py"), f"experiment={name}", f"data.path={C.SHAKESPEARE}",
          f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar", *overrides],
         cwd=ROOT, capture_output=True, text=True,
     )
@@ -185,7 +182,7 @@ def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str,
     from gptlab.data import TokenDataModule
 
     model, _ = model_from_checkpoint(checkpoint.load(run_dir / "checkpoints" / "last.ckpt"))
-    dm = TokenDataModule(path=str(SHAKESPEARE), data_dir=data_dir, block_size=model.config.block_size)
+    dm = TokenDataModule(path=str(C.SHAKESPEARE), data_dir=data_dir, block_size=model.config.block_size)
     dm.prepare_data()
     dm.setup()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -203,8 +200,12 @@ def main(argv=None) -> dict:
     which.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
     which.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 20 steps per run")
+    parser.add_argument("--tiny", action="store_true", help="seconds: 3 raw steps, the record and its pos ablation "
+                        "for 4 steps each, one seed (checks the code paths; the figures mean nothing)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.experiments, args.ablate, args.no_ablation = "", "pos", False
     info = machine_info()
     print(machine_line(info), flush=True)
     experiments = [e for e in args.experiments.split(",") if e]
@@ -217,13 +218,17 @@ def main(argv=None) -> dict:
         todo = {keys[k]: todo[keys[k]] for k in args.ablate.split(",")}
     rows, ablated = [], []
     quick = ("trainer.max_steps=20", "trainer.val_check_interval=10") if args.quick else ()
+    if args.tiny:  # a model of 2 layers x 32 channels (the probe's too), 4 steps
+        todo = {k: [*TINY_MODEL, *v] for k, v in todo.items()}
+        quick = (*TINY_MODEL, "trainer.max_steps=4", "trainer.val_check_interval=4", "data.val_windows=16",
+                 "~callbacks.text_sample", "~callbacks.attention_maps")
     with tempfile.TemporaryDirectory(prefix="gptlab-quality-") as tmp:
         data_dir = str(Path(tmp) / "data")
         raws = []
 
         def raw(when: str) -> None:
             print(f"[bench] nanoGPT's CPU recipe, raw loop ({when})", flush=True)
-            raws.append({**raw_recipe(data_dir, steps=20 if args.quick else 2000), "when": when})
+            raws.append({**raw_recipe(data_dir, steps=3 if args.tiny else 20 if args.quick else 2000), "when": when})
             raws[-1]["name"] += f" ({when})"
             rows.append(raws[-1])
             print(f"[bench]   {raws[-1]['train_s']:.1f}s training: val/loss {raws[-1]['val_loss']:.4f}", flush=True)
@@ -243,10 +248,12 @@ def main(argv=None) -> dict:
                 print(f"[bench] experiment={RECORD} (the ablation's reference)", flush=True)
                 record = gptlab_experiment(RECORD, data_dir, Path(tmp), quick)
             print(f"[bench] ms/step of {RECORD} and each ablation, side by side", flush=True)
-            probe = step_ms(RECORD, {"record": [], **todo})
+            probe = step_ms(RECORD, {"record": list(TINY_MODEL) if args.tiny else [], **todo},
+                            **(dict(rounds=1, steps=2) if args.tiny else {}))
             ablated.append({**record, "option": f"none ({RECORD})", "probe_ms_per_step": probe["record"]["ms_per_step"]})
             # the record again with another seed (initialization and data order): the chance spread
-            variants = {"none, seed 1338": (["seed=1338"], "record"), **{k: (v, k) for k, v in todo.items()}}
+            variants = {**({} if args.tiny else {"none, seed 1338": (["seed=1338"], "record")}),
+                        **{k: (v, k) for k, v in todo.items()}}
             for option, (overrides, cost) in variants.items():
                 steps = round(record["steps"] * probe["record"]["ms_per_step"] / probe[cost]["ms_per_step"])
                 print(f"[bench] {RECORD} {' '.join(overrides)}: {steps} steps", flush=True)
@@ -283,9 +290,10 @@ def main(argv=None) -> dict:
               f"{a['delta_val_loss']:+.4f}" if a is not base else "", f"{a['val_loss_all']:.4f}",
               f"{a['val_loss_all'] - base['val_loss_all']:+.4f}" if a is not base else ""] for a in ablated],
         ))
-        noise = abs(ablated[1]["val_loss"] - base["val_loss"])
+        seeds = [a for a in ablated if a["option"] == "none, seed 1338"]
+        noise = f"{abs(seeds[0]['val_loss'] - base['val_loss']):.4f}" if seeds else "(one seed run)"
         print(f"vs record: val/loss minus the record's (positive: switching the option off costs, so the record keeps "
-              f"it); the record's two seeds land {noise:.4f} apart. steps x probe s: the training time at the "
+              f"it); the record's two seeds land {noise} apart. steps x probe s: the training time at the "
               "probe's machine speed, equal by construction; train s: the run's own clock, which moves with the "
               "machine's drift")
     goals = {}

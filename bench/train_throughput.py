@@ -23,7 +23,7 @@ on this CPU with the same number of threads. Say which when quoting an MFU.
     python bench/train_throughput.py --preset cpu_quick
     python bench/train_throughput.py --preset baby --batch 12
     python bench/train_throughput.py --sweep-defaults        # CPU defaults, cpu_quick, raw loop
-    python bench/train_throughput.py --preset cpu_quick --steps 5 --warmup 1 --rounds 1   # smoke
+    python bench/train_throughput.py --tiny                  # seconds: 4 steps per side, one round
 
 Writes bench/results/train_throughput-<preset>-b<batch>-<precision>[-compile].json, or
 bench/results/train_throughput-sweep.json for --sweep-defaults (or --out).
@@ -83,8 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--data-dir", default=None,
                    help="prepared-corpus cache (default: a temporary directory, removed at the end)")
+    p.add_argument("--tiny", action="store_true", help="seconds: cpu_quick, 4 steps per run (1 left out), one "
+                   "round, a small peak estimate (checks the code paths; the figures mean nothing)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_throughput-....json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        if args.sweep_defaults:
+            p.error("--tiny checks the comparison; --sweep-defaults has no tiny mode")
+        args.steps, args.warmup, args.rounds, args.data_steps, args.peak_size = 4, 1, 1, 5, 128
+    return args
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -105,9 +112,8 @@ class Spec:
 
 def make_spec(preset: str, batch: int | None, seed: int, data_dir: str) -> Spec:
     model_name, default_batch, _, _ = PRESETS[preset]
-    model_cfg = yaml.safe_load((C.ROOT / "conf" / "model" / f"{model_name}.yaml").read_text())
+    model_cfg = C.model_config(model_name, vocab_size=65)  # tiny Shakespeare chars
     optim_cfg = yaml.safe_load((C.ROOT / "conf" / "optim" / "adamw.yaml").read_text())
-    model_cfg.update(vocab_size=65, compile=False, init_from=None)  # tiny Shakespeare chars
     return Spec(preset, model_cfg, optim_cfg, model_cfg["block_size"], batch or default_batch, seed, data_dir)
 
 
@@ -253,10 +259,9 @@ def run_lightning(spec: Spec, steps: int, warmup: int, compile: bool = False, pr
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.losses.append(loss.detach())
 
-    model_cfg = dict(spec.model_cfg, compile=compile)
     torch.manual_seed(spec.seed)  # train.py: L.seed_everything(cfg.seed) before building the module
-    module = LanguageModel(model=model_cfg, optim=dict(spec.optim_cfg),
-                           tokenizer=spec.extra.get("tokenizer_state"), seed=spec.seed)
+    module = LanguageModel(model=dict(spec.model_cfg), optim=dict(spec.optim_cfg),
+                           tokenizer=spec.extra.get("tokenizer_state"), seed=spec.seed, compile=compile)
     dm = make_datamodule(spec, num_workers=num_workers)  # fresh: its sampler state starts at batch 0
     timer = StepTimer()
     root = tempfile.mkdtemp(prefix="gptlab-bench-lightning-")

@@ -1,0 +1,89 @@
+"""Every benchmark in bench/ runs in its `--tiny` mode (seconds), so that none stops working unnoticed.
+
+Each script is picked up by its file name and run in this process through its `main(argv)`; TINY
+gives the arguments where `--tiny` alone is not what to run, CHECKS what its result must hold. The
+figures of a tiny run mean nothing (the benchmarks themselves run on an idle machine: bench/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+BENCH = ROOT / "bench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
+# the scripts that start train.py in subprocesses
+SLOW = {"bpb", "quality"}
+TINY = {"gpu": ["--tiny"] if torch.cuda.is_available() else ["--tiny", "--device", "cuda"]}
+
+
+def check_generate(result, out):
+    assert [r["new_tokens"] for r in result["results"]] == [8, 24]
+    # both paths decode the same tokens while the sequence fits the block; past it the cache slides
+    assert all(r["outputs_agree"] and r["cache_tokens_per_s"] > 0 for r in result["results"])
+
+
+def check_train_throughput(result, out):
+    r = result["result"]
+    assert r["same_init"] and r["steps"] == 4
+    assert r["max_abs_loss_diff_first_round"] < 1e-4  # the raw loop and Lightning train alike
+    assert "Lightning overhead" in out
+
+
+def check_quality(result, out):
+    assert [a["option"] for a in result["ablation"]] == ["none (shakespeare_char_cpu_record)", "pos: rope -> learned"]
+    assert result["ablation"][1]["params"] != result["ablation"][0]["params"]  # learned positions add a table
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] < 5 for r in result["runs"] + result["ablation"])
+
+
+def check_bpb(result, out):
+    (run,) = result["runs"]
+    assert run["name"] == "char" and run["bytes_per_token"] == 1.0
+    assert 0 < run["val_bpb"] < 8 and math.isclose(run["val_bpb"], run["val_loss"] / math.log(2), rel_tol=1e-3)
+
+
+def check_prepare(result, out):
+    (cell,) = result["results"]
+    assert cell["workers"] == 2 and cell["tokens"] > 50_000 and cell["peak_rss_mb"] > 0
+
+
+def check_gpu(result, out):
+    if torch.cuda.is_available():
+        assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0
+    else:
+        assert result == {} and "gpu --tiny: skipped, no CUDA device here" in out
+
+
+CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
+
+
+def load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their helpers as siblings
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SCRIPTS])
+def test_tiny_mode(name, tmp_path, monkeypatch, capsys, data_dir):
+    module = load(name)
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path)  # results of a tiny run stay out of bench/
+    result = module.main(TINY.get(name, ["--tiny"]))
+    out = capsys.readouterr().out
+    if name in CHECKS:
+        CHECKS[name](result, out)
+    if result:  # a run that did not skip writes its JSON
+        assert list(tmp_path.glob("*.json")), out[-2000:]
+
+
+def test_every_check_names_a_script():
+    assert set(CHECKS) <= set(SCRIPTS)
