@@ -1,9 +1,8 @@
 """Shared test fixtures: the test corpus, found as gptlab finds it, and helpers to run the entry points.
 
-The corpus (tiny Shakespeare) comes from, in order: $GPTLAB_TEST_DATA (a directory holding
-tinyshakespeare.txt and optionally tiktoken_cache/), ../shared/data/ beside the checkout, .gpu/data/
-(the GPU kit's copy), or gptlab's
-own cache ($GPTLAB_DATA_DIR or ~/.cache/gptlab), filled once through gptlab's download (sha256-checked).
+The corpus (tiny Shakespeare) comes from $GPTLAB_TEST_DATA (a directory holding tinyshakespeare.txt
+and optionally tiktoken_cache/), else from gptlab's own cache ($GPTLAB_DATA_DIR or ~/.cache/gptlab),
+filled once through gptlab's download (sha256-checked).
 tiktoken's GPT-2 files come from a tiktoken_cache/ beside the corpus, else from tiktoken's own cache
 or download.
 """
@@ -29,10 +28,9 @@ for _var in [v for v in os.environ if v == "HYDRA_FULL_ERROR" or v.startswith(("
 
 def _find_corpus() -> tuple[Path | None, str | None]:
     """(the corpus, None) or (None, why it could not be had)."""
-    # (.gpu/data: where the GPU check kit lays the corpus on the machine it runs on)
-    for d in (os.environ.get("GPTLAB_TEST_DATA"), ROOT.parent / "shared" / "data", ROOT / ".gpu" / "data"):
-        if d and (Path(d) / "tinyshakespeare.txt").is_file():
-            return Path(d) / "tinyshakespeare.txt", None
+    d = os.environ.get("GPTLAB_TEST_DATA")
+    if d and (Path(d) / "tinyshakespeare.txt").is_file():
+        return Path(d) / "tinyshakespeare.txt", None
     from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
     from gptlab.errors import GptlabError
 
@@ -89,7 +87,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_configure(config):
     if SHAKESPEARE is None:
         raise pytest.UsageError(
-            f"no test corpus: {_MISSING}. Put tinyshakespeare.txt in $GPTLAB_TEST_DATA (or ../shared/data/), "
+            f"no test corpus: {_MISSING}. Put tinyshakespeare.txt in $GPTLAB_TEST_DATA, "
             f"or run once with network access"
         )
     if TIKTOKEN_CACHE is not None:
