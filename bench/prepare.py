@@ -34,7 +34,7 @@ per-document split; a folder of .txt adds per-file filesystem costs.
 Every (size, format) is prepared with --workers (default 2) in a fresh subprocess; MB/s counts
 the documents' text (the same for every format). The formats run back to back within a repeat
 (the order reversed every other repeat), and `x text` is the median over the repeats of time / the
-.txt's time in the same repeat: on a VM whose speed drifts by 10-25% within minutes, the runs of one
+.txt's time in the same repeat: on a machine whose speed drifts within minutes, the runs of one
 repeat share a machine speed that separate medians do not.
 
 --bpe-train SIZE_MB: what data.tokenizer=bpe_train data.vocab_size=4096 (--vocab) costs on SIZE_MB
@@ -417,7 +417,7 @@ def formats_main(args: argparse.Namespace) -> dict:
                 }
     for c in cells.values():
         # each repeat runs every format back to back, so its ratio compares runs at one machine speed;
-        # the median of those ratios is steadier on a VM whose speed drifts than a ratio of medians
+        # the median of those ratios is steadier on a machine whose speed drifts than a ratio of medians
         key = (c["size_mb"], c["workers"])
         pairs = [r["time_s"] / t["time_s"] for r in runs for t in runs
                  if (r["size_mb"], r["workers"], r["format"]) == (*key, c["format"])
@@ -438,7 +438,7 @@ def formats_main(args: argparse.Namespace) -> dict:
           "the process that reads and splits, the rest is the encoding workers; x text: the median over the "
           "repeats of time / the .txt's time in that repeat; MB = 10^6 bytes)")
 
-    # the goal is set at the largest size (the issue's 1 GB), where a run's fixed costs (importing
+    # the goal is set at the largest size (1 GB by default), where a run's fixed costs (importing
     # pyarrow, forking) no longer count; smaller sizes are shown beside it
     worst = max((c for c in cells.values() if c["format"] != "text" and c["size_mb"] == max(sizes)),
                 key=lambda c: c["x_text"], default=None)

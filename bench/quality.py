@@ -103,7 +103,7 @@ def val_loss(model, tokens, windows: int | None = None) -> float:
 
 
 RECORD = "shakespeare_char_cpu_record"
-# The model options of issue 16; an ablation sets one of them back to its value in conf/model/gpt_micro.yaml
+# The model switches of gptlab.models.gpt; an ablation sets one of them back to its value in conf/model/gpt_micro.yaml
 # (GPT-2's), for each one on which the record preset differs.
 OPTIONS = ("pos", "norm", "mlp", "qk_norm", "n_kv_head", "bias", "tie_weights")
 

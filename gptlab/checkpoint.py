@@ -148,7 +148,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams.get("model"), dict):
         raise CheckpointError(f"{path} has no model config in its hyper_parameters; was it written by gptlab?")
-    # checkpoints of gptlab <= 0.1 also stored the run switches with the shape
+    # the run switches (compile, init_from) say how a run executes, not what the model is: a config that carries them loads
     model = build_model({k: v for k, v in hparams["model"].items() if k not in ("compile", "init_from")})
     load_weights(model, model_state(ckpt), str(path))
     return model, hparams

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.errors import ConfigError
 
 # keys of `model` that say how to run it, not what it is (conf/train.yaml declares them); checkpoints keep
-# the rest, the shape (gptlab <= 0.1 stored these with it, so readers drop them)
+# the rest, the shape (readers drop these where a checkpoint's config carries them)
 RUN_SWITCHES = ("compile", "init_from")
 
 # key: (low, high, whether low itself is allowed); None: unbounded. Nulls pass (they mean "default").

@@ -151,7 +151,7 @@ def test_checkpoint_with_compile_prefixes_loads(tmp_path, layout):
     else:  # the whole LightningModule compiled
         state_dict = {f"{COMPILE_PREFIX}model.{k[len(COMPILE_PREFIX):]}": v for k, v in state.items()}
     path = tmp_path / "compiled.ckpt"
-    # an older gptlab stored the run switches (compile) with the shape: still loads
+    # a config that carries the run switches (compile) beside the shape still loads
     torch.save({"state_dict": state_dict, "hyper_parameters": {"model": {**TINY_MODEL, "compile": True}},
                 "global_step": 0}, path)
     model, _ = model_from_checkpoint(checkpoint.load(path), path)

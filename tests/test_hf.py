@@ -612,8 +612,8 @@ def test_cli_import_then_export(tmp_path, small_hf, capsys):
 
 
 def test_char_and_word_models_export_their_vocabulary(tmp_path):
-    """Issue 12: sampling an exported char model must decode with its own characters (it used to end
-    in an IndexError), and importing it must not label it GPT-2 BPE."""
+    """Sampling an exported char model decodes with its own characters (GPT-2's would index past
+    them), and importing it does not label it GPT-2 BPE."""
     text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
     char = CharTokenizer(text)
     shape = dict(arch="gpt", vocab_size=char.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)

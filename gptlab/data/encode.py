@@ -156,8 +156,8 @@ def _encode_in_worker(task: Items | RecordGroup) -> np.ndarray | dict[str, np.nd
 class Encoder:
     """Encodes a stream of text pieces with `encode`, in `workers` workers (1: in this process).
 
-    Processes, not threads: tiktoken holds the GIL for part of each call, so on two cores two threads
-    reached 1.2-1.4x where two processes reached 1.6-1.95x in a side-by-side test. Workers are forked
+    Processes, not threads: tiktoken holds the GIL for part of each call, so threads scale worse than
+    processes (bench/prepare.py measures the speedup of workers). Workers are forked
     so that they inherit the loaded tokenizer: there is no import and no vocabulary load per worker.
     Without fork (macOS, Windows) threads are used instead.
     """
