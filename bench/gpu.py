@@ -1,6 +1,6 @@
 """GPU throughput: the baby GPT preset and GPT-2 124M, each through Lightning and through a raw PyTorch
 loop, and 1000-token sampling in bfloat16 with and without the KV cache. One run, both sides of every
-comparison; about 5 minutes on an H100 (most of it torch.compile).
+comparison (most of its time is torch.compile).
 
     python bench/gpu.py                          # all sections on the GPU
     python bench/gpu.py --only baby,sample       # some of them (baby, gpt2, sample)
