@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import hydra
 import torch
@@ -14,9 +16,11 @@ from gptlab.config import validate_dataclass
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.run.job import run
-from gptlab.sampling import generate, start_ids
+from gptlab.sampling import MaxNewTokens, Temperature, TopK, TopP, generate, start_ids
+from gptlab.schema import Positive
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = {name: getattr(torch, name) for name in typing.get_args(Dtype)}
 
 
 @dataclass
@@ -26,15 +30,15 @@ class SampleConfig:
     ckpt_path: str | None = None
     tokenizer: str | None = None
     prompt: str | None = None
-    num_samples: int = 3
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
+    num_samples: Positive = 3
+    max_new_tokens: MaxNewTokens = 500
+    temperature: Temperature = 0.8
+    top_k: TopK = 200
+    top_p: TopP = None
     greedy: bool = False
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     use_kv_cache: bool = True
     compile: bool | str = False
 
@@ -89,11 +93,6 @@ def sample(cfg: DictConfig) -> list[str]:
     args = validate_dataclass(OmegaConf.to_container(cfg, resolve=True), SampleConfig)
     if args.ckpt_path is None:
         raise ConfigError("no checkpoint: pass ckpt_path=<run>/checkpoints/last.ckpt (or a Hugging Face model directory)")
-    if args.dtype not in DTYPES:
-        raise ConfigError(f"dtype={args.dtype!r}: choose one of {sorted(DTYPES)}")
-    from gptlab.sampling import check_sampling_args
-
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.ckpt_path, args.tokenizer)
     model.to(device=device, dtype=DTYPES[args.dtype]).eval()

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptlab.errors import ConfigError
+from gptlab.schema import Positive, Range, check_args
 
-
-def check_sampling_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k}: must be >= 1, or null to disable")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p={top_p}: must be in (0, 1], or null to disable")
+# the rules of the next-token settings, for every caller that takes them (sample.py, TextSample)
+MaxNewTokens = Positive
+Temperature = Annotated[float, Range(0.0)]  # 0: greedy
+TopK = Annotated[int | None, Range(1)]  # None: no cut
+TopP = Annotated[float | None, Range(0.0, 1.0, low_open=True, high_open=False)]  # None: no cut
 
 
 def next_token(
@@ -51,10 +46,10 @@ def next_token(
 def generate(
     model: nn.Module,
     idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    max_new_tokens: MaxNewTokens,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
     greedy: bool = False,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
@@ -76,7 +71,7 @@ def generate(
 
     Until the sequence first outgrows `block_size` all paths compute the same logits.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_args(generate, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p))
     was_training = model.training
     model.eval()
     block = model.config.block_size

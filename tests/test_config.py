@@ -13,9 +13,11 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data import TokenDataModule
-from gptlab.errors import GptlabError
-from gptlab.models import model_config
+from gptlab.errors import ConfigError, GptlabError
+from gptlab.models import GPTConfig, model_config
 from gptlab.models.gpt import Block
+from gptlab.sampling import generate
+from gptlab.training.optim import OptimConfig
 
 from conftest import SHAKESPEARE
 from gptlab.config import validate_train
@@ -215,3 +217,22 @@ def test_preset_trains_a_few_steps(choice, tmp_path, data_dir):
     if choice == "experiment=gpt2_124m":
         assert ckpt["hyper_parameters"]["tokenizer"]["kind"] == "bpe"
         assert ckpt["gptlab"]["micro_step"] == 4
+
+
+# -- one declaration per rule: the owner's own check and the config check say the same ----------------
+@pytest.mark.parametrize("override, direct", [
+    ("model.n_head=0", lambda: GPTConfig(n_head=0)),
+    ("model.pos=alibi", lambda: GPTConfig(pos="alibi")),
+    ("optim.eps=0", lambda: OptimConfig(eps=0)),
+    ("data.val_fraction=1.0", lambda: TokenDataModule(val_fraction=1.0)),
+    ("data.sampler=shuffled", lambda: TokenDataModule(sampler="shuffled")),
+    ("callbacks.text_sample.top_k=0", lambda: generate(None, None, 1, top_k=0)),
+])
+def test_the_owner_and_the_config_check_report_alike(override, direct, tmp_path):
+    with pytest.raises(ConfigError) as config:
+        validate_train(compose_train([override, f"paths.output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError) as owner:
+        direct()
+    key = override.split("=")[0]
+    assert str(config.value).startswith(f"{key}=")
+    assert str(config.value).split(":", 1)[1] == str(owner.value).split(":", 1)[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -13,62 +13,35 @@ from torch.utils.data import DataLoader
 from gptlab.data.corpus import Corpus
 from gptlab.data.datasets import FixedWindows, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
-from gptlab.data.prepare import Prepared, prepare_corpus
-from gptlab.data.tokenizers import ENDOFTEXT, KINDS
+from gptlab.data.prepare import Prepared, ValFraction, check_separator, prepare_corpus
+from gptlab.data.tokenizers import TokenizerKind
 from gptlab.data.trained_bpe import check_bpe_training
 from gptlab.errors import ConfigError, DataError
 from gptlab.files import FilesystemError
+from gptlab.schema import Positive, Range, Say, check_args
 
 # The settings that data.block_size mirrors: the model's context is chosen in the model group.
 _KEY = {"block_size": "model.block_size"}
 
 
 def _check_settings(s: dict[str, Any]) -> None:
-    """ConfigError naming the key for a value the data module cannot use."""
+    """ConfigError naming the key for a value the data module cannot use: what its signature declares,
+    then the rules between settings."""
+    check_args(TokenDataModule, s, prefix="data.", keys=_KEY)
 
     def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"{_KEY.get(name, 'data.' + name)}={s[name]!r}: {why}")
+        return ConfigError(f"data.{name}={s[name]!r}: {why}")
 
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if s["tokenizer"] not in KINDS:
-        raise bad("tokenizer", f"unknown; choose one of {list(KINDS)}")
     if s["tokenizer"] == "bpe_train":
         check_bpe_training(s["vocab_size"], s["special_tokens"])
     for name in ("text_field", "hf_split"):
-        if not isinstance(s[name], str) or not s[name]:
+        if not s[name]:
             raise bad(name, "must be a column name")
-    for name in ("hf_dataset", "hf_config", "separator"):
-        if s[name] is not None and not isinstance(s[name], str):
-            raise bad(name, "must be a string (or null)")
-    if s["separator"] is not None and s["tokenizer"] not in ("char", "word"):
-        raise bad("separator", f"applies to the char and word tokenizers; BPE separates documents by {ENDOFTEXT}")
+    check_separator(s["separator"], s["tokenizer"])
     if s["path"] is not None and not s["path"]:
         raise bad("path", "an empty list; name at least one file or directory")
-    if not isinstance(s["encoding"], str) or not s["encoding"]:
+    if not s["encoding"]:
         raise bad("encoding", "must be the name of a tiktoken encoding, e.g. gpt2")
-    if s["sampler"] not in ("random", "sliding"):
-        raise bad("sampler", "unknown; choose 'random' or 'sliding'")
-    for name in ("block_size", "batch_size", "val_windows"):
-        if not is_int(s[name]) or s[name] < 1:
-            raise bad(name, "must be a positive integer")
-    vf = s["val_fraction"]
-    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0.0 < vf < 1.0:
-        raise bad("val_fraction", "must be a number between 0 and 1 (exclusive)")
-    if s["stride"] is not None and (not is_int(s["stride"]) or s["stride"] < 1):
-        raise bad("stride", "must be a positive integer (or null: one block_size)")
-    for name in ("seed", "split_seed"):
-        if not is_int(s[name]):
-            raise bad(name, "must be an integer")
-    if not is_int(s["num_workers"]) or s["num_workers"] < 0:
-        raise bad("num_workers", "must be an integer >= 0 (0: load batches in the training process)")
-    if s["prepare_workers"] is not None and (not is_int(s["prepare_workers"]) or s["prepare_workers"] < 1):
-        raise bad("prepare_workers", "must be an integer >= 1 (or null: one per CPU, at most 8)")
-    if not isinstance(s["verify"], bool):
-        raise bad("verify", "must be true or false")
-    if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
-        raise bad("pin_memory", "must be true, false or null (null: when training on a CUDA GPU)")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -108,21 +81,21 @@ class TokenDataModule(L.LightningDataModule):
         hf_dataset: str | None = None,
         hf_config: str | None = None,
         hf_split: str = "train",
-        tokenizer: str = "char",
+        tokenizer: TokenizerKind = "char",
         encoding: str = "gpt2",
         vocab_size: int = 8192,
         special_tokens: list[str] | None = None,
         separator: str | None = None,
-        block_size: int = 64,
-        batch_size: int = 12,
-        val_fraction: float = 0.1,
+        block_size: Annotated[int, Range(1), Say("a positive integer")] = 64,
+        batch_size: Positive = 12,
+        val_fraction: ValFraction = 0.1,
         split_seed: int = 0,
-        val_windows: int = 240,
-        sampler: str = "random",
-        stride: int | None = None,
+        val_windows: Positive = 240,
+        sampler: Literal["random", "sliding"] = "random",
+        stride: Positive | None = None,  # None: one block_size
         seed: int = 1337,
-        num_workers: int = 0,
-        prepare_workers: int | None = None,
+        num_workers: Annotated[int, Range(0)] = 0,  # 0: load batches in the training process
+        prepare_workers: Positive | None = None,  # None: one per CPU, at most 8
         verify: bool = True,
         pin_memory: bool | None = None,
     ):

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -33,16 +33,25 @@ from gptlab.data import corpus as _corpus
 from gptlab.data.cache import CacheWriter, Prepared, cache_dir, check_prepared, load_prepared, token_dtype
 from gptlab.data.corpus import Corpus, corpus_files
 from gptlab.data.encode import Encoder, RecordGroup, corpus_encoder
-from gptlab.data.tokenizers import ENDOFTEXT, KINDS, BPETokenizer, CharTokenizer, WordTokenizer
+from gptlab.data.tokenizers import ENDOFTEXT, BPETokenizer, CharTokenizer, TokenizerKind, WordTokenizer
 from gptlab.data.trained_bpe import TrainedBPETokenizer
 from gptlab.errors import ConfigError, DataError
+from gptlab.schema import Range, check
 
 __all__ = ["prepare_corpus", "corpus_files", "check_prepared", "load_prepared", "Prepared", "tokenizer_key"]
 SEPARATORS = {"char": "\n", "word": f" {ENDOFTEXT} "}  # the defaults; BPE kinds use the special token
 BPE_KINDS = ("bpe", "bpe_train")
+# the share held out for validation
+ValFraction = Annotated[float, Range(0.0, 1.0, low_open=True)]
 # A Parquet corpus whose row groups hold at most this much text each is read by the encoding workers,
 # a row group per task (a few row groups per worker in flight); larger row groups are read here
 GROUP_BYTES = 16 << 20
+
+
+def check_separator(separator: str | None, kind: str) -> None:
+    if separator is not None and kind not in SEPARATORS:
+        raise ConfigError(f"data.separator={separator!r}: applies to the char and word tokenizers; BPE separates "
+                          f"documents by {ENDOFTEXT}")
 
 
 def tokenizer_key(spec: dict[str, Any]) -> str:
@@ -53,9 +62,8 @@ def tokenizer_key(spec: dict[str, Any]) -> str:
         specials = spec.get("special_tokens") or [ENDOFTEXT]
         extra = "" if specials == [ENDOFTEXT] else "-" + hashlib.sha256(json.dumps(specials).encode()).hexdigest()[:8]
         return f"bpe_train{spec.get('vocab_size')}{extra}"
-    if kind in ("char", "word"):
-        return kind
-    raise ConfigError(f"data.tokenizer={kind!r} is unknown; choose one of {list(KINDS)}")
+    check("data.tokenizer", kind, TokenizerKind)
+    return kind
 
 
 def _progress(total: int | None, unit: str, description: str):
@@ -169,7 +177,7 @@ def prepare_corpus(
     corpus: Corpus | list[Path],
     tokenizer: dict[str, Any],
     out_root: Path,
-    val_fraction: float = 0.1,
+    val_fraction: ValFraction = 0.1,
     workers: int | None = None,
     verify: bool = True,
     log=print,
@@ -182,13 +190,10 @@ def prepare_corpus(
     `workers` encoding processes run in parallel (default: the number of CPUs, at most 8; 1 encodes
     in this process)."""
     corpus = corpus if isinstance(corpus, Corpus) else Corpus(list(corpus))
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction}: must be between 0 and 1 (exclusive)")
+    check("data.val_fraction", val_fraction, ValFraction)
     kind = tokenizer.get("kind")
     tok_key = tokenizer_key(tokenizer)
-    if separator is not None and kind not in SEPARATORS:
-        raise ConfigError(f"data.separator={separator!r}: BPE documents are separated by {ENDOFTEXT}; "
-                          f"the separator applies to the char and word tokenizers")
+    check_separator(separator, kind)
     settings = dict(corpus.settings())
     if separator is not None:
         settings["separator"] = separator

@@ -13,8 +13,9 @@ no text and count 0 bytes: leave targets with 0 bytes out of both sums.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -166,7 +167,8 @@ class BPETokenizer:
         return {"kind": self.kind, "encoding": self.encoding}
 
 
-KINDS = ("bpe", "bpe_train", "char", "word")
+TokenizerKind = Literal["bpe", "bpe_train", "char", "word"]
+KINDS = typing.get_args(TokenizerKind)
 
 
 # what tokenizer_from_state returns (gptlab.data.trained_bpe.TrainedBPETokenizer has the same methods)

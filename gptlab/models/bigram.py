@@ -7,19 +7,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gptlab.errors import ConfigError
+from gptlab.schema import Positive, check_fields
 
 
 @dataclass
 class BigramConfig:
-    vocab_size: int = 65
-    block_size: int = 8  # only used to size training windows; the model itself looks back one token
+    vocab_size: Positive = 65
+    block_size: Positive = 8  # only used to size training windows; the model itself looks back one token
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{name}={value!r}: must be a positive integer")
+        check_fields(self, "model.")
 
 
 class Bigram(nn.Module):

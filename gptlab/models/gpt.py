@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -25,31 +26,31 @@ import torch.nn.functional as F
 from gptlab.errors import ConfigError
 from gptlab.models.kv_cache import KVCache
 from gptlab.models.rope import apply_rope, rope_angles
-
-CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
+from gptlab.schema import Positive, Range, check_fields
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    vocab_size: Positive = 50257
+    block_size: Positive = 1024
+    n_layer: Positive = 12
+    n_head: Positive = 12
+    n_embd: Positive = 768
+    dropout: Annotated[float, Range(0.0, 1.0)] = 0.0
     bias: bool = True  # biases in Linear layers (but see qkv_bias) and LayerNorms (RMSNorm has none)
     qkv_bias: bool | None = None  # bias of the query/key/value projection; None: same as `bias`
     tie_weights: bool = True  # share the output head with the token embedding (GPT-2 does)
-    layer_norm_eps: float = 1e-5  # epsilon of every norm, LayerNorm or RMSNorm
-    pos: str = "learned"  # learned: GPT-2's position embedding table; rope: rotary embedding
-    rope_theta: float = 10000.0  # RoPE's base (Llama 2: 1e4, Llama 3: 5e5)
-    norm: str = "layernorm"
-    mlp: str = "gelu"
-    mlp_hidden: int | None = None  # None: 4 n_embd; for swiglu 8/3 n_embd rounded up to a multiple of 32
+    layer_norm_eps: Annotated[float, Range(0.0, low_open=True)] = 1e-5  # epsilon of every norm, LayerNorm or RMSNorm
+    pos: Literal["learned", "rope"] = "learned"  # learned: GPT-2's position embedding table; rope: rotary embedding
+    rope_theta: Annotated[float, Range(0.0, low_open=True)] = 10000.0  # RoPE's base (Llama 2: 1e4, Llama 3: 5e5)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp_hidden: Positive | None = None  # None: 4 n_embd; for swiglu 8/3 n_embd rounded up to a multiple of 32
     qk_norm: bool = False
-    n_kv_head: int | None = None  # None: n_head (multi-head attention)
+    n_kv_head: Positive | None = None  # None: n_head (multi-head attention)
 
     def __post_init__(self) -> None:
+        check_fields(self, "model.")
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if self.n_kv_head is None:
@@ -57,13 +58,6 @@ class GPTConfig:
         if self.mlp_hidden is None:
             # swiglu has three matrices: 8/3 of the width keeps the parameters of a 4x two-matrix MLP
             self.mlp_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32) if self.mlp == "swiglu" else 4 * self.n_embd
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name}={value!r}: must be a positive integer")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
@@ -77,10 +71,6 @@ class GPTConfig:
             )
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.pos=rope needs an even head size, not n_embd / n_head = {self.head_dim}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"model.rope_theta={self.rope_theta}: must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:

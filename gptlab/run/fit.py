@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gptlab.config import RUN_SWITCHES, validate_train
 from gptlab.errors import ConfigError
@@ -44,8 +44,10 @@ def step_intervals(trainer_cfg: DictConfig) -> dict:
 def fit(cfg: DictConfig) -> Outcome:
     validate_train(cfg)
     metric_name = cfg.get("optimized_metric") or "val/loss"
-    info = resume.resolve(cfg)  # may point paths.output_dir at that run
-    run_dir = Path(cfg.paths.output_dir)
+    info, run_dir = resume.resolve(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
+    if run_dir != Path(cfg.paths.output_dir):  # a checkpoint's own run: its trackers and checkpoints go on there
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
     if info is not None and resume.finished(info, cfg.trainer.get("max_steps"), cfg.trainer.get("max_time")):
         if metric_name not in info.metrics:
             raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
 
 from gptlab import checkpoint
-from gptlab.config import budget_seconds
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.training.trainer_settings import budget_seconds
 
 # keys that change neither the parameters nor what the tokens mean: free to differ on resume
 _FREE_KEYS = ("dropout",)
@@ -26,24 +25,21 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
 
 
-def resolve(cfg: DictConfig) -> checkpoint.Info | None:
-    """The checkpoint to resume from (None: start fresh). Points `paths.output_dir` at its run."""
-    ckpt_path = cfg.get("ckpt_path")
-    if cfg.get("resume") not in (None, "auto"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> to resume a checkpoint")
-    if ckpt_path is None and cfg.get("resume") == "auto":
-        found = newest_checkpoint(Path(cfg.paths.output_dir))
+def resolve(ckpt_path: str | None, resume: str | None, output_dir: str | Path) -> tuple[checkpoint.Info | None, Path]:
+    """The checkpoint to resume from (None: start fresh), and the run directory: the checkpoint's own
+    run for `<run>/checkpoints/x.ckpt`, else `output_dir`."""
+    if resume not in (None, "auto"):
+        raise ConfigError(f"resume={resume!r}: use resume=auto, or ckpt_path=<file> to resume a checkpoint")
+    if ckpt_path is None and resume == "auto":
+        found = newest_checkpoint(Path(output_dir))
         ckpt_path = str(found) if found else None
     if ckpt_path is None:
-        return None
+        return None, Path(output_dir)
     path = Path(str(ckpt_path)).expanduser().resolve()
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     info = checkpoint.info(path)  # the step, config and tokenizer only; Lightning reads the weights
-    if path.parent.name == "checkpoints":
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(path.parent.parent)
-    return info
+    return info, path.parent.parent if path.parent.name == "checkpoints" else Path(output_dir)
 
 
 def describe_vocab(state: dict[str, Any] | None) -> str:

@@ -16,6 +16,7 @@ from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.models.gpt import GPT
 from gptlab.sampling import start_ids
+from gptlab.schema import Positive, check_args
 
 # viridis at 0, 1/4, 1/2, 3/4 and 1 (perceptually uniform, readable in grey); linear in between
 VIRIDIS = torch.tensor(
@@ -72,12 +73,12 @@ class AttentionMaps(L.Callback):
     def __init__(
         self,
         prompt: str | None = None,
-        max_tokens: int = 32,
-        every_n_validations: int = 1,
-        cell_pixels: int = 96,
+        max_tokens: Positive = 32,
+        every_n_validations: Positive = 1,
+        cell_pixels: Positive = 96,
         tag: str = "attention",
     ):
-        # (the config schema, gptlab/config.py, checks these values before a run starts)
+        check_args(AttentionMaps, locals())  # (gptlab/config.py checks a run's config against the same)
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.every_n_validations = every_n_validations

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gptlab.data.tokenizers import tokenizer_from_state
-from gptlab.sampling import generate, start_ids
+from gptlab.sampling import MaxNewTokens, Temperature, TopK, generate, start_ids
+from gptlab.schema import Positive, check_args
 
 
 class StepAxis(L.Callback):
@@ -32,11 +33,12 @@ class TextSample(L.Callback):
     def __init__(
         self,
         prompt: str | None = None,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 200,
+        max_new_tokens: MaxNewTokens = 200,
+        temperature: Temperature = 0.8,
+        top_k: TopK = 200,
         seed: int = 1337,
     ):
+        check_args(TextSample, locals())
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -92,7 +94,8 @@ class TokenThroughput(ThroughputMonitor):
         window_size: batches in the rolling average (rates appear once the window is full).
     """
 
-    def __init__(self, available_flops: float | None = None, window_size: int = 50, **kwargs: Any):
+    def __init__(self, available_flops: float | None = None, window_size: Positive = 50, **kwargs: Any):
+        check_args(TokenThroughput, {"available_flops": available_flops, "window_size": window_size})
         # lengths count tokens (B x T) per batch, so `items_per_sec` reads as tokens per second
         super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs)
         self.peak_flops = available_flops

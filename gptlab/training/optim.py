@@ -9,41 +9,40 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 
 from gptlab.checkpoint import COMPILE_PREFIX
 from gptlab.errors import ConfigError
+from gptlab.schema import Positive, Range, Say, check_fields
 from gptlab.training.muon import Muon
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices, AdamW for the rest
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
+    # adamw, or muon: Muon for the hidden matrices, AdamW for the rest
+    name: Annotated[Literal["adamw", "muon"], Say("'adamw' or 'muon' (optim=adamw / optim=muon)")] = "adamw"
+    lr: Annotated[float, Range(0.0, low_open=True)] = 1e-3
+    min_lr: Annotated[float, Range(0.0)] = 1e-4  # at most lr
+    weight_decay: Annotated[float, Range(0.0)] = 0.1
     betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # cosine decay ends here; None: the trainer's max_steps
+    eps: Annotated[float, Range(0.0, low_open=True)] = 1e-8
+    warmup_steps: Annotated[int, Range(0)] = 100
+    decay_steps: Positive | None = None  # cosine decay ends here; None: the trainer's max_steps
     fused: bool | None = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
-    muon_lr: float | None = None  # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
-    momentum: float = 0.95  # Muon's (Nesterov) momentum
-    ns_steps: int = 5  # Muon's Newton-Schulz iterations
+    # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
+    muon_lr: Annotated[float | None, Range(0.0, low_open=True)] = None
+    momentum: Annotated[float, Range(0.0, 1.0)] = 0.95  # Muon's (Nesterov) momentum
+    ns_steps: Positive = 5  # Muon's Newton-Schulz iterations
 
     def __post_init__(self) -> None:
+        check_fields(self, "optim.")
         self.betas = tuple(self.betas)
-        if self.muon_lr is not None and self.muon_lr <= 0:
-            raise ConfigError(f"optim.muon_lr={self.muon_lr}: must be > 0 (or null: optim.lr)")
-        if self.name not in ("adamw", "muon"):
-            raise ConfigError(f"optim.name={self.name!r}: must be 'adamw' or 'muon' (optim=adamw / optim=muon)")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if self.min_lr > self.lr:
             raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)}: need two values in [0, 1)")
 
 
