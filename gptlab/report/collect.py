@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gptlab.errors import ConfigError
 from gptlab.run.naming import run_name
 # the DONE / FAILED markers at the top of a run directory belong to gptlab.run.job, which writes them
-from gptlab.run.job import DONE, FAILED, mark_done, mark_failed, read_marker  # noqa: F401  (re-exported for gptlab.report)
+from gptlab.run.job import DONE, FAILED, mark_done, mark_failed, read_marker, read_yaml  # noqa: F401  (re-exported for gptlab.report)
 
 Curve = list[tuple[int, float]]
 
@@ -61,13 +59,6 @@ def group_runs(group: Path) -> list[Path]:
     if is_run(group):
         return [group]
     return sorted((p for p in group.iterdir() if p.is_dir() and is_run(p)), key=lambda p: natural(p.name))
-
-
-def read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
 
 
 def _status(run: Path) -> tuple[str, str, dict[str, Any]]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gptlab.errors import one_line, user_error
 from gptlab.files import atomic_write, write_json
 
@@ -135,3 +137,12 @@ def read_marker(job_dir: Path) -> tuple[str, dict[str, Any] | str | None]:
         return "running", None
     except (OSError, ValueError):  # an unreadable marker: the run did finish
         return "finished", None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file of a job directory (Hydra's `.hydra/*.yaml`, a sweep's multirun.yaml); None if it is
+    missing or unreadable."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None

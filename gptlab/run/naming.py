@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from gptlab.run.job import read_yaml
+
 # overrides that say where a run goes or how it is watched, not what it trains
 NOISE = ("hydra", "paths", "log_dir", "data_dir", "ckpt_path", "resume", "logger", "callbacks", "data.path")
 
@@ -35,16 +37,12 @@ def run_name(overrides: Iterable[str], shared: Iterable[str] = (), fallback: str
 
 def job_overrides(run_dir: str | os.PathLike) -> list[str]:
     """The overrides a job directory was started with (`.hydra/overrides.yaml`)."""
-    from gptlab.report.collect import read_yaml
-
     return [str(o) for o in (read_yaml(Path(run_dir) / ".hydra" / "overrides.yaml") or [])]
 
 
 def sweep_name(run_dir: str | os.PathLike) -> str:
     """A running job's name without the rest of its sweep: the overrides given verbatim on the sweep's
     command line (its fixed ones; swept ones were lists or ranges there) are shared by every job."""
-    from gptlab.report.collect import read_yaml
-
     run_dir = Path(run_dir)
     launch = ((read_yaml(run_dir.parent / "multirun.yaml") or {}).get("hydra") or {}).get("overrides") or {}
     return run_name(job_overrides(run_dir), [str(o) for o in launch.get("task") or []], run_dir.name)

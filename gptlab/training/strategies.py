@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptlab.models.gpt import Block
+from gptlab.models.block import Block
 
 
 def fsdp(
