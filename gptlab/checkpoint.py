@@ -33,14 +33,12 @@ import torch.nn as nn
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gptlab.compat import COMPILE_PREFIX
 from gptlab.errors import CheckpointError
 from gptlab.files import atomic_write, remove_stale
 
 FORMAT = 1
 MODULE_PREFIX = "model."  # the LightningModule holds the model as `self.model`
-# torch.compile's wrapper (`_orig_mod.`) appears in checkpoints of other tools that saved a compiled
-# module's state_dict; gptlab compiles in place and never writes it
-COMPILE_PREFIX = "_orig_mod."
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -92,6 +90,8 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
 
 
 def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Names without torch.compile's wrapper, found in checkpoints of other tools that saved a compiled
+    module's state_dict (gptlab compiles in place and never writes it)."""
     return {k.replace(COMPILE_PREFIX, ""): v for k, v in state_dict.items()}
 
 

@@ -14,8 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gptlab.compat import distribution_holds, sweep_space
 from gptlab.files import atomic_write
-from gptlab.report.collect import Job, natural, read_yaml
+from gptlab.report.collect import Job, natural
+from gptlab.run.job import read_yaml
 
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 
@@ -67,11 +69,10 @@ def _space(sweeper: dict[str, Any], launch: list[str], jobs: list[Job], values: 
     """The dimensions the jobs varied, as the sweeper parsed them; one whose jobs' values it does not
     hold (a command-line dimension replaced it: the Optuna sweeper saves no multirun.yaml to read it
     from) or that the config does not list becomes a categorical one of the values the jobs took."""
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     from optuna.distributions import CategoricalDistribution
 
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    space, fixed = create_params_from_overrides(params + launch)  # the command line's replace the config's
+    space, fixed = sweep_space(params + launch)  # the command line's replace the config's
     for key in fixed:
         space.pop(key, None)
     varied = {k for v in values for k in v if len({repr(w.get(k)) for w in values}) > 1}
@@ -80,16 +81,9 @@ def _space(sweeper: dict[str, Any], launch: list[str], jobs: list[Job], values: 
     for key in varied:
         seen = [v[key] for v in values if key in v]
         dist = space.get(key)
-        if dist is None or not all(_holds(dist, x) for x in seen):
+        if dist is None or not all(distribution_holds(dist, x) for x in seen):
             space[key] = CategoricalDistribution(sorted(set(seen), key=repr))
     return space
-
-
-def _holds(dist: Any, value: Any) -> bool:
-    try:
-        return dist._contains(dist.to_internal_repr(value))
-    except (ValueError, TypeError):  # a categorical without that choice
-        return False
 
 
 def _rebuild(sweeper: dict[str, Any], launch: list[str], jobs: list[Job]):

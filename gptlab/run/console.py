@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 def _fmt_rate(value: float) -> str:
@@ -68,6 +68,7 @@ class StepProgressBar(TQDMProgressBar):
         self._started = 0.0
         self._start_step = 0
         self._drawn = 0.0  # when the bar was last redrawn
+        self._fitting = False  # whether fit's training bar exists (not during the sanity check)
 
     # -- what is shown --------------------------------------------------------------------------
     def _is_plain(self) -> bool:
@@ -122,6 +123,7 @@ class StepProgressBar(TQDMProgressBar):
         self._started = time.perf_counter()
         self._start_step = trainer.global_step
         super().on_train_start(trainer, pl_module)
+        self._fitting = True
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the whole run: no reset, no "Epoch N" at epoch boundaries
@@ -139,9 +141,12 @@ class StepProgressBar(TQDMProgressBar):
         step, total = trainer.global_step, bar.total
         last = total is not None and step >= total
         # at most ~10 redraws a second: a fast GPU step would spend more on the terminal than on math
-        if self._should_update(step, total) and (now - self._drawn >= 0.1 or last):
+        due = step % self.refresh_rate == 0 or step == total
+        if self.is_enabled and due and (now - self._drawn >= 0.1 or last):
             self._drawn = now
-            _update_n(bar, step)
+            if not bar.disable:
+                bar.n = step
+                bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
         if last and not trainer.enable_validation:
             self._finish(trainer)
@@ -181,7 +186,7 @@ class StepProgressBar(TQDMProgressBar):
         if self._validation_started is not None:
             self._paused += time.perf_counter() - self._validation_started
             self._validation_started = None
-        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+        if self._fitting and trainer.state.fn == "fit":
             self.train_progress_bar.n = trainer.global_step  # a throttled redraw may have skipped it
         super().on_validation_end(trainer, pl_module)  # closes the val bar, redraws the postfix
         if trainer.state.fn != "fit" or trainer.sanity_checking:

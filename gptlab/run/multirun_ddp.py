@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
+from gptlab.compat import rank_command, set_rank_command
+
 
 def install_multirun_ddp_fix(script: Path) -> None:
     """Start each DDP rank of a multirun job on that one job's saved config instead of the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers import subprocess_script
 
-    original = getattr(subprocess_script._hydra_subprocess_cmd, "__wrapped__", subprocess_script._hydra_subprocess_cmd)
+    original = getattr(rank_command(), "__wrapped__", rank_command())
 
     def command(local_rank: int):
         hc = HydraConfig.get()
@@ -47,7 +48,7 @@ def install_multirun_ddp_fix(script: Path) -> None:
         return cmd, hc.runtime.cwd
 
     command.__wrapped__ = original
-    subprocess_script._hydra_subprocess_cmd = command
+    set_rank_command(command)
 
 
 # what Lightning's subprocess launcher sets in the launching process's environment

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.compat import close_wandb_run, run_started
 from gptlab.errors import ConfigError
 from gptlab.run import naming
 
@@ -103,7 +104,8 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
             continue
         try:
             cls = _target_class(f"logger.{key}", node._target_)
-            logger = hydra.utils.instantiate(node, **_run_kwargs(cls, node, name, resume))
+            kwargs = _run_kwargs(cls, node, name, resume)
+            logger = hydra.utils.instantiate(node, **kwargs)
         except Exception as e:
             error = missing_tracker(f"logger.{key}", e) or _unusable(f"logger.{key}", e)
             if error is None:
@@ -111,8 +113,9 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
             raise error from None
         if resume is not None and isinstance(logger, CSVLogger):
             _keep_csv_rows(logger, resume.step)
-        if isinstance(logger, MLFlowLogger) and logger._run_id:
-            _check_mlflow_run(f"logger.{key}", logger)
+        continued = kwargs.get("run_id") or node.get("run_id")  # an MLflow run to continue
+        if isinstance(logger, MLFlowLogger) and continued:
+            _check_mlflow_run(f"logger.{key}", logger, continued, node.get("tracking_uri"))
         loggers.append(logger)
     return loggers
 
@@ -156,7 +159,7 @@ def _keep_csv_rows(logger: CSVLogger, step: int) -> None:
     writer.metrics = [{k: v for k, v in r.items() if v != ""} for r in rows] + writer.metrics
 
 
-def _check_mlflow_run(where: str, logger: MLFlowLogger) -> None:
+def _check_mlflow_run(where: str, logger: MLFlowLogger, run_id: str, tracking_uri: str | None) -> None:
     """The MLflow run a resume continues must be in this store (e.g. not a different log_dir)."""
     from mlflow.exceptions import MlflowException
 
@@ -166,7 +169,7 @@ def _check_mlflow_run(where: str, logger: MLFlowLogger) -> None:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise ConfigError(
-            f"{where}: the run {logger._run_id} this checkpoint continues is not in {logger._tracking_uri}; "
+            f"{where}: the run {run_id} this checkpoint continues is not in {tracking_uri or 'the MLflow store'}; "
             f"resume with the tracking_uri (and paths.log_dir) it was started with"
         ) from None
 
@@ -200,26 +203,17 @@ def finish(loggers: list[Logger], status: str) -> None:
     """Close each tracker's run at the end of a job: `status` is "success" or "failed" (W&B's exit
     code, MLflow's FINISHED/FAILED). A W&B run left open would swallow the next job of a multirun."""
     for logger in loggers:
-        if not _started(logger):
+        if not run_started(logger):
             continue  # finalize would start it (TensorBoard makes its directory) just to close it
         try:
             logger.finalize(status)
-            # `_experiment`: the `experiment` property would start a run just to finish it
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger._experiment.finish(exit_code=0 if status == "success" else 1)
-                logger._experiment = None
+            if isinstance(logger, WandbLogger):
+                close_wandb_run(logger, exit_code=0 if status == "success" else 1)
         except Exception as e:
             if status == "success":
                 raise
             # the job's own error is the one to report
             rank_zero_warn(f"{type(logger).__name__} could not be closed: {e}")
-
-
-def _started(logger: Logger) -> bool:
-    """Whether the tracker's run exists yet (e.g. not under fast_dev_run, nor before the first log)."""
-    if isinstance(logger, MLFlowLogger):
-        return bool(getattr(logger, "_initialized", True))
-    return getattr(logger, "_experiment", True) is not None
 
 
 # -- errors --------------------------------------------------------------------------------------

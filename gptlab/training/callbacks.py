@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -10,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from gptlab.compat import set_logging_step, set_peak_flops
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.sampling import MaxNewTokens, Temperature, TopK, generate, start_ids
 from gptlab.schema import Positive, check_args
@@ -22,7 +22,7 @@ class StepAxis(L.Callback):
     first among the callbacks: the LR monitor logs in the same hook."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        set_logging_step(trainer, trainer.global_step)
 
 
 class TextSample(L.Callback):
@@ -104,19 +104,25 @@ class TokenThroughput(ThroughputMonitor):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.peak_flops:
-            self.available_flops = float(self.peak_flops)
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+            set_peak_flops(self, float(self.peak_flops))
         model = getattr(pl_module, "model", None)
         if self.flops_per_token is None and hasattr(model, "flops_per_token"):
             # now, while the parameters are whole (FSDP shards them later)
             self.flops_per_token = float(model.flops_per_token(model.config.block_size))
 
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+    def _batch_flops(self, pl_module: L.LightningModule, batch: Any, forward_only: bool) -> None:
+        """ThroughputMonitor reads the FLOPs of each batch from the module's `flops_per_batch`."""
         flops = None
         if self.flops_per_token is not None:
-            flops = self.flops_per_token * _batch_tokens(batch)
-            if not trainer.training:
-                flops /= 3  # forward only: a third of forward + backward
-        # ThroughputMonitor reads the FLOPs of this batch from `flops_per_batch` of the module it is given
-        super()._update(trainer, SimpleNamespace(flops_per_batch=flops), batch, iter_num)
+            flops = self.flops_per_token * _batch_tokens(batch) / (3 if forward_only else 1)
+        pl_module.flops_per_batch = flops
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           *args: Any) -> None:
+        self._batch_flops(pl_module, batch, forward_only=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:
+        self._batch_flops(pl_module, batch, forward_only=True)  # a third of forward + backward
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)

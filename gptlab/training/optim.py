@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import torch
 import torch.nn as nn
 
-from gptlab.checkpoint import COMPILE_PREFIX
+from gptlab.compat import CHECKPOINT_PREFIX, COMPILE_PREFIX, FSDP_PREFIX
 from gptlab.errors import ConfigError
 from gptlab.schema import Positive, Range, Say, check_fields
 from gptlab.training.muon import Muon
@@ -62,7 +62,7 @@ def lr_factor(step: int, warmup: int, decay_steps: int | None, min_ratio: float,
 
 def plain_name(name: str) -> str:
     """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile insert."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", COMPILE_PREFIX):
+    for wrapper in (FSDP_PREFIX, CHECKPOINT_PREFIX, COMPILE_PREFIX):
         name = name.replace(wrapper, "")
     return name
 
