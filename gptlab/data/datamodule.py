@@ -73,7 +73,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str | list[str] | None = None,
+        path: str | os.PathLike | list[str] | None = None,
         url: str | None = TINY_SHAKESPEARE_URL,
         sha256: str | None = TINY_SHAKESPEARE_SHA256,
         data_dir: str | None = None,
@@ -86,7 +86,7 @@ class TokenDataModule(L.LightningDataModule):
         vocab_size: int = 8192,
         special_tokens: list[str] | None = None,
         separator: str | None = None,
-        block_size: Annotated[int, Range(1), Say("a positive integer")] = 64,
+        block_size: Annotated[int, Range(1), Say("a positive integer")] = 64,  # reported as model.block_size
         batch_size: Positive = 12,
         val_fraction: ValFraction = 0.1,
         split_seed: int = 0,

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
+from gptlab.schema import Positive, Range, check_args
+
 # the quintic iteration's coefficients, tuned for a steep slope at zero (Muon's reference implementation)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+Momentum = Annotated[float, Range(0.0, 1.0)]
+NsSteps = Positive
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -51,16 +55,13 @@ class Muon(torch.optim.Optimizer):
         params: Iterable[dict[str, Any]],
         lr: float = 1e-3,
         weight_decay: float = 0.1,
-        momentum: float = 0.95,
+        momentum: Momentum = 0.95,
         nesterov: bool = True,
-        ns_steps: int = 5,
+        ns_steps: NsSteps = 5,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
     ):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum}: must be in [0, 1)")
-        if ns_steps < 1:
-            raise ValueError(f"ns_steps={ns_steps}: must be >= 1")
+        check_args(Muon, {"momentum": momentum, "ns_steps": ns_steps})  # ConfigError, a ValueError
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, betas=tuple(betas), eps=eps, muon=False)
         super().__init__(params, defaults)

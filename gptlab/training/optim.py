@@ -17,7 +17,7 @@ import torch.nn as nn
 from gptlab.compat import CHECKPOINT_PREFIX, COMPILE_PREFIX, FSDP_PREFIX
 from gptlab.errors import ConfigError
 from gptlab.schema import Positive, Range, Say, check_fields
-from gptlab.training.muon import Muon
+from gptlab.training.muon import Momentum, Muon, NsSteps
 
 
 @dataclass
@@ -34,8 +34,8 @@ class OptimConfig:
     fused: bool | None = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
     # Muon's peak learning rate; None: lr (min_lr / lr scales both alike)
     muon_lr: Annotated[float | None, Range(0.0, low_open=True)] = None
-    momentum: Annotated[float, Range(0.0, 1.0)] = 0.95  # Muon's (Nesterov) momentum
-    ns_steps: Positive = 5  # Muon's Newton-Schulz iterations
+    momentum: Momentum = 0.95  # Muon's (Nesterov) momentum
+    ns_steps: NsSteps = 5  # Muon's Newton-Schulz iterations
 
     def __post_init__(self) -> None:
         check_fields(self, "optim.")
