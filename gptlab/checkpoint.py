@@ -143,13 +143,13 @@ def _timer_seconds(callbacks: dict[str, Any]) -> float | None:
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a gptlab checkpoint; returns (model, hyper_parameters)."""
-    from gptlab.models import build_model
+    from gptlab.models import RUN_SWITCHES, build_model
 
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams.get("model"), dict):
         raise CheckpointError(f"{path} has no model config in its hyper_parameters; was it written by gptlab?")
     # the run switches (compile, init_from) say how a run executes, not what the model is: a config that carries them loads
-    model = build_model({k: v for k, v in hparams["model"].items() if k not in ("compile", "init_from")})
+    model = build_model({k: v for k, v in hparams["model"].items() if k not in RUN_SWITCHES})
     load_weights(model, model_state(ckpt), str(path))
     return model, hparams
 

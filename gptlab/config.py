@@ -17,10 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab import schema
 from gptlab.errors import ConfigError
-
-# keys of `model` that say how to run it, not what it is (conf/train.yaml declares them); checkpoints keep
-# the rest, the shape (readers drop these where a checkpoint's config carries them)
-RUN_SWITCHES = ("compile", "init_from")
+from gptlab.models import RUN_SWITCHES  # noqa: F401  (declared with the models; imported from here too)
 
 
 def check_node(node: Mapping[str, Any], prefix: str, hints: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from gptlab import checkpoint  # noqa: E402
-from gptlab.config import RUN_SWITCHES  # noqa: E402
+from gptlab.models import RUN_SWITCHES  # noqa: E402
 from gptlab.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
 from gptlab.errors import CheckpointError, ConfigError  # noqa: E402
 from gptlab.files import FilesystemError, temp_name  # noqa: E402

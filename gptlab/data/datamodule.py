@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from gptlab.data.corpus import Corpus
-from gptlab.data.datasets import FixedWindows, TrainBatches
+from gptlab.data.datasets import FixedWindows, Sampler, TrainBatches
 from gptlab.data.download import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, default_data_dir, download
 from gptlab.data.prepare import Prepared, ValFraction, check_separator, prepare_corpus
 from gptlab.data.tokenizers import TokenizerKind
@@ -91,7 +91,7 @@ class TokenDataModule(L.LightningDataModule):
         val_fraction: ValFraction = 0.1,
         split_seed: int = 0,
         val_windows: Positive = 240,
-        sampler: Literal["random", "sliding"] = "random",
+        sampler: Sampler = "random",
         stride: Positive | None = None,  # None: one block_size
         seed: int = 1337,
         num_workers: Annotated[int, Range(0)] = 0,  # 0: load batches in the training process

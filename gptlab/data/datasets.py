@@ -10,9 +10,13 @@ Training data is an endless stream of batches in which batch number k is a pure 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from gptlab.schema import check
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +24,9 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[t
     rows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
     rows = torch.from_numpy(rows)
     return rows[:, :-1], rows[:, 1:]
+
+
+Sampler = Literal["random", "sliding"]
 
 
 class TrainBatches(IterableDataset):
@@ -35,11 +42,10 @@ class TrainBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start: int = 0,
-        sampler: str = "random",
+        sampler: Sampler = "random",
         stride: int | None = None,
     ):
-        if sampler not in ("random", "sliding"):
-            raise ValueError(f"data.sampler={sampler!r}: choose 'random' or 'sliding'")
+        check("data.sampler", sampler, Sampler)
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size

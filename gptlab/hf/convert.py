@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 
 from gptlab import checkpoint
-from gptlab.config import RUN_SWITCHES
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.hf import gpt2, llama
@@ -32,7 +31,7 @@ from gptlab.hf.pretrained import check_model, explicit_keys, merge_shape
 from gptlab.hf.tokenizer import TOKENIZER_FILE, build, check_fits, describe, directory_state, override_state, \
     tokenizer_files
 from gptlab.hf.weights import INSTALL_HINT, read_config, read_state, resolve_dir
-from gptlab.models import build_model
+from gptlab.models import RUN_SWITCHES, build_model
 from gptlab.models.gpt import GPT
 
 GPT2, LLAMA = "GPT-2", "Llama"

@@ -15,6 +15,9 @@ ARCHS: dict[str, tuple[type, type]] = {"gpt": (GPT, GPTConfig), "bigram": (Bigra
 
 # the key of a model config that picks the class; the others are its config dataclass's fields
 RUNTIME_KEYS = ("arch",)
+# keys of `model` that say how to run it, not what it is (conf/train.yaml declares them); checkpoints keep
+# the rest, the shape (readers drop these where a checkpoint's config carries them)
+RUN_SWITCHES = ("compile", "init_from")
 
 
 def model_config(cfg: dict[str, Any]) -> GPTConfig | BigramConfig:
@@ -43,4 +46,5 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     return model_cls(config)
 
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "Bigram", "BigramConfig", "build_model", "model_config", "ARCHS"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "Bigram", "BigramConfig", "build_model", "model_config", "ARCHS",
+           "RUN_SWITCHES"]

@@ -68,7 +68,6 @@ class StepProgressBar(TQDMProgressBar):
         self._started = 0.0
         self._start_step = 0
         self._drawn = 0.0  # when the bar was last redrawn
-        self._fitting = False  # whether fit's training bar exists (not during the sanity check)
 
     # -- what is shown --------------------------------------------------------------------------
     def _is_plain(self) -> bool:
@@ -123,7 +122,6 @@ class StepProgressBar(TQDMProgressBar):
         self._started = time.perf_counter()
         self._start_step = trainer.global_step
         super().on_train_start(trainer, pl_module)
-        self._fitting = True
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the whole run: no reset, no "Epoch N" at epoch boundaries
@@ -141,8 +139,7 @@ class StepProgressBar(TQDMProgressBar):
         step, total = trainer.global_step, bar.total
         last = total is not None and step >= total
         # at most ~10 redraws a second: a fast GPU step would spend more on the terminal than on math
-        due = step % self.refresh_rate == 0 or step == total
-        if self.is_enabled and due and (now - self._drawn >= 0.1 or last):
+        if self.is_enabled and (step % self.refresh_rate == 0 or last) and (now - self._drawn >= 0.1 or last):
             self._drawn = now
             if not bar.disable:
                 bar.n = step
@@ -186,7 +183,7 @@ class StepProgressBar(TQDMProgressBar):
         if self._validation_started is not None:
             self._paused += time.perf_counter() - self._validation_started
             self._validation_started = None
-        if self._fitting and trainer.state.fn == "fit":
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # the training bar exists
             self.train_progress_bar.n = trainer.global_step  # a throttled redraw may have skipped it
         super().on_validation_end(trainer, pl_module)  # closes the val bar, redraws the postfix
         if trainer.state.fn != "fit" or trainer.sanity_checking:

@@ -14,8 +14,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gptlab.config import RUN_SWITCHES, validate_train
+from gptlab.config import validate_train
 from gptlab.errors import ConfigError
+from gptlab.models import RUN_SWITCHES
 from gptlab.run import resume
 from gptlab.run import trackers
 from gptlab.run.console import job_line, summary
