@@ -1,6 +1,6 @@
-"""The transformer block of gptlab/models/gpt.py: a pre-norm residual pair of causal self-attention
-(multi-, grouped- or multi-query heads; RoPE and a QK norm by switch) and an MLP (GELU, SwiGLU or
-squared ReLU), and the norm both use (LayerNorm or RMSNorm)."""
+"""The transformer block of gptlab/models/gpt.py, top to bottom: the block (a pre-norm residual pair),
+causal self-attention (multi-, grouped- or multi-query heads; RoPE and a QK norm by switch), the MLP
+(GELU, SwiGLU or squared ReLU) and the norm both use (LayerNorm or RMSNorm)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ if TYPE_CHECKING:
     from gptlab.models.gpt import GPTConfig
 
 
-def make_norm(config: GPTConfig, dim: int) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
-    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
+        # pre-norm: the residual stream itself is never normalised, which keeps deep stacks stable
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask, attention)
+        return x + self.mlp(self.ln_2(x))
 
 
 class CausalSelfAttention(nn.Module):
@@ -105,15 +113,7 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.ln_1 = make_norm(config, config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config, config.n_embd)
-        self.mlp = MLP(config)
-
-    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
-        # pre-norm: the residual stream itself is never normalised, which keeps deep stacks stable
-        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask, attention)
-        return x + self.mlp(self.ln_2(x))
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)

@@ -1,10 +1,11 @@
 """GPT language model in plain PyTorch: GPT-2 by default, later designs by config switch.
 
-Top to bottom: the config, then the model; its transformer block (attention, MLP, norm) is in block.py,
-the key/value cache for incremental decoding in kv_cache.py, the rotary embedding in rope.py. The defaults are GPT-2: token + learned position
-embeddings, pre-LayerNorm residual blocks, causal multi-head self-attention, a 4x GELU MLP, a final
-LayerNorm and an output head tied to the token embedding. Each switch below swaps in one part of a later model;
-Llama is `pos=rope norm=rmsnorm mlp=swiglu bias=false` (Llama 3 adds `n_kv_head`):
+Top to bottom: the config, then the model; its transformer block (attention, MLP, norm) is in
+block.py, the key/value cache for incremental decoding in kv_cache.py, the rotary embedding in rope.py.
+The defaults are GPT-2: token + learned position embeddings, pre-LayerNorm residual blocks, causal
+multi-head self-attention, a 4x GELU MLP, a final LayerNorm and an output head tied to the token
+embedding. Each switch below swaps in one part of a later model; Llama is
+`pos=rope norm=rmsnorm mlp=swiglu bias=false` (Llama 3 adds `n_kv_head`):
 
     pos       learned | rope          rotary position embedding (base `rope_theta`) on q and k
     norm      layernorm | rmsnorm     for the blocks and the final norm
