@@ -8,8 +8,10 @@ figures of a tiny run mean nothing (the benchmarks themselves run on an idle mac
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -77,7 +79,14 @@ def load(name: str):
 def test_tiny_mode(name, tmp_path, monkeypatch, capsys, data_dir):
     module = load(name)
     monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path)  # results of a tiny run stay out of bench/
-    result = module.main(TINY.get(name, ["--tiny"]))
+    # a script quiets Lightning's loggers and warnings for its own output: the tests after it must not inherit that
+    levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")}
+    try:
+        with warnings.catch_warnings():
+            result = module.main(TINY.get(name, ["--tiny"]))
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
     out = capsys.readouterr().out
     if name in CHECKS:
         CHECKS[name](result, out)
