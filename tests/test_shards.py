@@ -14,6 +14,8 @@ from gptlab.data import TokenDataModule
 from gptlab.data.datasets import ArrayWindows, TrainBatches
 from gptlab.data.shards import HEADER_BYTES, TokenShards, read_header, shard_files, write_shard
 from gptlab.errors import ConfigError, DataError
+from gptlab.report.collect import read_job
+from gptlab.report.write import text_table
 
 from conftest import SHAKESPEARE, TINY, read_scalars
 from inprocess import run_train
@@ -176,6 +178,8 @@ def test_mixture_run_validates_each_source_and_resumes_exactly(tmp_path, shakesp
     drawn = {n: tb[f"train/tokens/{n}"][-1][1] for n in ("play", "back")}
     assert sum(drawn.values()) == tb["train/tokens"][-1][1] == 8 * 8 * 32
     assert tb["train/epochs/back"][-1][1] == pytest.approx(drawn["back"] / 301_966)
+    table = text_table([read_job(reference)])  # the sweep report's table: each source's final loss
+    assert "val/loss/back" in table and f"{back:.4f}" in table
 
     # a run stopped after its step-4 checkpoint (as if killed) and resumed ends as the uninterrupted one
     crashed = tmp_path / "crashed"
