@@ -194,3 +194,13 @@ def test_mixture_run_validates_each_source_and_resumes_exactly(tmp_path, shakesp
         assert got[tag][-1][1] == pytest.approx(tb[tag][-1][1], abs=1e-6)
     state = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)["TokenDataModule"]
     assert state["next_train_batch"] == 8 and sum(state["source_tokens"].values()) == 8 * 8 * 32
+
+
+def test_the_fineweb_baseline_preset_is_llmc_gpt2_124m():
+    from inprocess import compose_config
+
+    cfg = compose_config(["experiment=gpt2_124m_fineweb"])
+    t = cfg.trainer
+    assert cfg.data.batch_size * cfg.model.block_size * t.accumulate_grad_batches * t.devices == 524_288
+    assert abs(t.max_steps * 524_288 - 10e9) < 1e-3 * 10e9 and (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (6e-4, 0.0, 700)
+    assert cfg.data.path.endswith("fineweb10B/fineweb_train_*.bin") and cfg.data.val_path.endswith("fineweb_val_000000.bin")
