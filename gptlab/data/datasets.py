@@ -70,6 +70,8 @@ class TrainBatches(IterableDataset):
             raise ValueError("a mixture of sources draws random windows: data.sampler=random")
         w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), dtype=np.float64)
         self.weights = w / w.sum()
+        self.cumulative = np.cumsum(self.weights)
+        self.cumulative[-1] = 1.0  # a uniform draw in [0, 1) always lands on a source
         self.block_size = block_size
         self.batch_size = batch_size
         self.seed = seed
@@ -91,7 +93,7 @@ class TrainBatches(IterableDataset):
             rng = np.random.default_rng([self.seed, rank, k])
             if len(self.sources) == 1:
                 return np.zeros(self.batch_size, np.int64), rng.integers(0, self.n_starts, size=self.batch_size)
-            src = rng.choice(len(self.sources), size=self.batch_size, p=self.weights)
+            src = self._pick(rng)
             return src, rng.integers(0, self.sizes[src])
         # sliding: every pass ("epoch") over the windows is a permutation shared by all ranks, each
         # rank taking its own interleaved share of every global batch
@@ -102,6 +104,15 @@ class TrainBatches(IterableDataset):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(offsets))
         picks = order[(j * global_batch + rank + np.arange(self.batch_size) * self.world_size) % len(offsets)]
         return np.zeros(self.batch_size, np.int64), offsets[picks]
+
+    def _pick(self, rng: np.random.Generator) -> np.ndarray:
+        return np.searchsorted(self.cumulative, rng.random(self.batch_size), side="right")
+
+    def picks(self, k: int, rank: int) -> np.ndarray:
+        """The source of each window of batch k on `rank` (what `draw` gives, without the starts)."""
+        if len(self.sources) == 1:
+            return np.zeros(self.batch_size, np.int64)
+        return self._pick(np.random.default_rng([self.seed, rank, k]))
 
     def starts(self, k: int) -> np.ndarray:
         """Start offsets of batch k on this rank."""

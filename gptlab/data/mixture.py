@@ -153,8 +153,7 @@ class SourceCounts:
 
     def add(self, sampler, k: int) -> None:
         for rank in range(sampler.world_size):
-            src, _ = sampler.draw(k, rank)
-            self.tokens += np.bincount(src, minlength=len(self.names)) * sampler.block_size
+            self.tokens += np.bincount(sampler.picks(k, rank), minlength=len(self.names)) * sampler.block_size
 
     def metrics(self) -> dict[str, float]:
         out = {}
