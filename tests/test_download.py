@@ -1,9 +1,6 @@
 """`python -m gptlab.data.download`: resumable downloads (HTTP Range) against a file server on 127.0.0.1,
 checks of the finished file, and the one-line offline message. Nothing here touches the network."""
 
-import http.server
-import threading
-
 import numpy as np
 import pytest
 
@@ -11,71 +8,33 @@ from gptlab.data.catalog import CATALOG, Entry, download_corpus, fetch, files_of
 from gptlab.data.shards import write_shard
 from gptlab.errors import DataError
 
-
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a directory, honouring `Range: bytes=N-` (206), and records the ranges asked for."""
-
-    ranges: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        try:
-            data = open(path, "rb").read()
-        except OSError:
-            return self.send_error(404)
-        start = 0
-        if (rng := self.headers.get("Range")) is not None:
-            self.ranges.append(rng)
-            start = int(rng.split("=")[1].rstrip("-"))
-            if start >= len(data):
-                return self.send_error(416)
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
+from conftest import RangeHandler
 
 
-@pytest.fixture
-def server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    RangeHandler.ranges = []
-    handler = lambda *a, **kw: RangeHandler(*a, directory=str(served), **kw)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def test_an_interrupted_download_resumes_where_it_stopped(tmp_path, server):
-    served, base = server
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path, http_server):
+    served, base = http_server
     whole = write_shard(served / "fineweb_train_000001.bin", np.arange(5000) % 50257).read_bytes()
     dest = tmp_path / "out" / "fineweb_train_000001.bin"
     dest.parent.mkdir()
     (dest.parent / (dest.name + ".part")).write_bytes(whole[:3000])  # what a killed download left
-    fetch(base + dest.name, dest, progress=False)
+    fetch(f"{base}/{dest.name}", dest, progress=False)
     assert dest.read_bytes() == whole and RangeHandler.ranges == ["bytes=3000-"]
     assert not (dest.parent / (dest.name + ".part")).exists()
     # a part that is already whole: the server answers 416, and the file is checked and kept
     dest.rename(dest.parent / (dest.name + ".part"))
-    fetch(base + dest.name, dest, progress=False)
+    fetch(f"{base}/{dest.name}", dest, progress=False)
     assert dest.read_bytes() == whole
 
 
-def test_a_bad_download_is_refused_and_not_kept(tmp_path, server):
-    served, base = server
+def test_a_bad_download_is_refused_and_not_kept(tmp_path, http_server):
+    served, base = http_server
     (served / "cut.bin").write_bytes(write_shard(tmp_path / "x.bin", np.arange(100)).read_bytes()[:-10])
     with pytest.raises(DataError, match="cut.bin.part is truncated or damaged.*run again to fetch it anew"):
-        fetch(base + "cut.bin", tmp_path / "cut.bin", progress=False)
+        fetch(f"{base}/cut.bin", tmp_path / "cut.bin", progress=False)
     assert not list(tmp_path.glob("cut.bin*"))
     (served / "a.txt").write_text("hello")
     with pytest.raises(DataError, match="a.txt.part: sha256 2cf24.*, the publisher states 00"):
-        fetch(base + "a.txt", tmp_path / "a.txt", sha256="00" * 32, progress=False)
+        fetch(f"{base}/a.txt", tmp_path / "a.txt", sha256="00" * 32, progress=False)
 
 
 def test_offline_one_line_says_what_to_fetch_and_where(tmp_path):
