@@ -1,7 +1,7 @@
 """`python -m gptlab.data.download NAME [--shards N] [--dir DIR]`: fetch a standard pretraining corpus.
 
     fineweb10B    FineWeb 10B in GPT-2 tokens as modded-nanogpt publishes them (kjj0/fineweb10B-gpt2):
-                  the validation shard and the first N of 103 train shards (100M tokens, 200 MB each)
+                  the validation shard and the first N of 103 train shards (~100M tokens, 200 MB each)
     fineweb-edu   FineWeb-Edu's 10B-token sample (HuggingFaceFW/fineweb-edu sample/10BT): the first N
                   of its 14 Parquet files
     openwebtext   OpenWebText (Skylion007/openwebtext, the Hub's Parquet conversion): the first N files
@@ -10,7 +10,7 @@
 Files go to DIR/NAME (DIR: $GPTLAB_DATA_DIR or ~/.cache/gptlab), where conf/data/fineweb10B.yaml looks.
 A download goes to NAME.part first and resumes from there (an HTTP Range request) when run again; a
 file is renamed into place only once checked: token shards by their header (llm.c's header states the
-token count, so a cut file is caught), others by sha256 where the publisher states one. Offline, one
+token count, so a cut file is caught), others by sha256 where one is known. Offline, one
 line says which files to fetch and where to put them.
 """
 

@@ -179,9 +179,9 @@ class TokenDataModule(L.LightningDataModule):
     def prepare(self, corpus: Corpus | None = None) -> Prepared:
         """`corpus` (default: data.path's, or the download) tokenized and cached (or found in the cache)."""
         try:
-            return prepare_corpus(corpus or self.corpus(), self.tokenizer_spec, self.data_dir / "prepared", val_fraction=self.val_fraction,
-                                  workers=self.prepare_workers, verify=self.verify, separator=self.separator,
-                                  split_seed=self.split_seed)
+            return prepare_corpus(corpus if corpus is not None else self.corpus(), self.tokenizer_spec,
+                                  self.data_dir / "prepared", val_fraction=self.val_fraction, workers=self.prepare_workers,
+                                  verify=self.verify, separator=self.separator, split_seed=self.split_seed)
         except FilesystemError as e:
             if str(self.data_dir) not in str(e):
                 raise
