@@ -95,7 +95,8 @@ def shard_files(spec: str | Path | list, key: str = "data.path") -> list[Path]:
         if glob.has_magic(text):
             found = sorted(Path(p) for p in glob.glob(text))
             if not found:
-                raise DataError(f"{key}={s}: the pattern matches no file")
+                raise DataError(f"{key}={s}: the pattern matches no file (`python -m gptlab.data.download "
+                                f"fineweb10B` fetches FineWeb's shards)")
         elif Path(text).is_dir():
             found = sorted(Path(text).glob("*.bin"))
             if not found:
