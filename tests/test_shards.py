@@ -205,20 +205,3 @@ def test_the_fineweb_baseline_preset_is_llmc_gpt2_124m():
     assert abs(t.max_steps * 524_288 - 10e9) < 1e-3 * 10e9 and (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (6e-4, 0.0, 700)
     assert cfg.data.path.endswith("fineweb10B/fineweb_train_*.bin") and cfg.data.val_path.endswith("fineweb_val_000000.bin")
 
-
-def test_loader_bench_tiny(tmp_path):
-    import importlib.util
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "loader.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        result = bench.main(["--tiny", "--out", str(tmp_path / "loader.json"), "--tmp", str(tmp_path)])
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    assert set(result["batch_s"]) == {"array", "mixture_2", "shards_3"} and result["step_s"] > 0
-    assert set(result["memory_mb"]) == {1, 3} and (tmp_path / "loader.json").is_file()
