@@ -50,3 +50,18 @@ def one_line(exc: BaseException) -> str:
         return str(err)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def exit_on_user_error(fn):
+    """Run a command-line program's body: a user error ends it as `Error: ...` on stderr and exit status
+    1; any other exception (a bug) keeps its traceback, as every one does under HYDRA_FULL_ERROR=1."""
+    import os
+    import sys
+
+    try:
+        return fn()
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or user_error(e) is None:
+            raise
+        print(f"Error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -9,8 +9,10 @@ or download.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import os
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +170,43 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "char"
     run_train([f"data.path={SHAKESPEARE}", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"], run_dir)
     return run_dir
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory quietly, honouring `Range: bytes=N-` (206; 416 past the end) as the hosts of
+    corpora do, and records the ranges asked for in `ranges`."""
+
+    ranges: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        try:
+            data = Path(self.translate_path(self.path)).read_bytes()
+        except OSError:
+            return self.send_error(404)
+        start, rng = 0, self.headers.get("Range")
+        if rng is not None:
+            self.ranges.append(rng)
+            start = int(rng.split("=")[1].rstrip("-"))
+            if start >= len(data):
+                return self.send_error(416)
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """(the directory served, its URL) on 127.0.0.1: downloads tested without the network."""
+    root = tmp_path / "www"
+    root.mkdir()
+    RangeHandler.ranges = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: RangeHandler(*a, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -55,6 +55,11 @@ def check_prepare(result, out):
     assert cell["workers"] == 2 and cell["tokens"] > 50_000 and cell["peak_rss_mb"] > 0
 
 
+def check_loader(result, out):
+    assert set(result["batch_s"]) == {"array", "mixture_2", "shards_3"} and result["step_s"] > 0
+    assert set(result["memory_mb"]) == {1, 3} and "of a step" in out
+
+
 def check_gpu(result, out):
     if torch.cuda.is_available():
         assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0

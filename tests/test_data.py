@@ -1,10 +1,7 @@
 import contextlib
-import functools
-import http.server
 import json
 import os
 import subprocess
-import threading
 
 import numpy as np
 import pytest
@@ -123,23 +120,6 @@ def test_block_size_larger_than_validation_split(tmp_path):
     dm = TokenDataModule(path=str(small), data_dir=str(tmp_path), block_size=64)
     with pytest.raises(DataError, match="block_size=64 is larger than the validation split"):
         dm.prepare_data()
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_from_local_server(http_server, tmp_path):

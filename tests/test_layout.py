@@ -25,7 +25,9 @@ def modules() -> dict[str, Path]:
 
 def imports(name: str, path: Path, known: set[str]) -> tuple[set[str], set[str]]:
     """(gptlab modules imported at module level, those imported inside functions). Imports under
-    `if TYPE_CHECKING:` are for annotations only and count as neither."""
+    `if TYPE_CHECKING:` are for annotations only and count as neither; those under
+    `if __name__ == "__main__":` run only when the module is the program (not imported), so they count
+    as lazy."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     top: set[str] = set()
     lazy: set[str] = set()
@@ -39,6 +41,7 @@ def imports(name: str, path: Path, known: set[str]) -> tuple[set[str], set[str]]
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 continue
+            main_block = isinstance(child, ast.If) and "__name__" in ast.unparse(child.test)
             found: list[str] = []
             if isinstance(child, ast.Import):
                 found = [a.name for a in child.names]
@@ -52,7 +55,7 @@ def imports(name: str, path: Path, known: set[str]) -> tuple[set[str], set[str]]
             for dotted in found:
                 if (t := target(dotted)) is not None:
                     (lazy if in_function else top).add(t)
-            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            visit(child, in_function or main_block or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
     visit(ast.parse(path.read_text()), False)
     return top, lazy

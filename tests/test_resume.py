@@ -93,6 +93,14 @@ def test_requeued_finished_run_is_a_no_op_that_reports_its_metric(copied_run):
     assert sorted(p.name for p in copied_run.rglob("*") if p.name != "DONE") == before[1]
 
 
+def test_a_finished_run_is_not_reported_for_data_of_another_vocabulary(copied_run):
+    """A requeue of a finished char run given BPE data would report the char run's loss as this data's."""
+    last = copied_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match="different vocabulary \\(char, 65 characters\\) than data gives now \\(bpe"):
+        run_train([f"data.path={SHAKESPEARE}", *TINY, "data.tokenizer=bpe", "trainer.max_steps=20", f"ckpt_path={last}"],
+                  copied_run)
+
+
 @pytest.mark.parametrize("change, needle", [
     (["model.n_layer=3"], "model.n_layer=3 (checkpoint: 2)"),
     (["model.n_embd=48", "model.n_head=3"], "model.n_embd=48 (checkpoint: 32)"),

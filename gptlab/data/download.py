@@ -1,4 +1,6 @@
-"""Corpus download: URL -> cache directory, verified by sha256 before use, written atomically."""
+"""Corpus download: URL -> cache directory, verified by sha256 before use, written atomically.
+
+`python -m gptlab.data.download NAME` fetches a standard pretraining corpus (gptlab.data.catalog)."""
 
 from __future__ import annotations
 
@@ -71,3 +73,9 @@ def _unreachable(url: str, e: Exception, dest: Path) -> DataError:
         f"somewhere and pass data.path=/path/to/file.txt, or place it at {dest} "
         f"(the cache directory is $GPTLAB_DATA_DIR, now {default_data_dir()})"
     )
+
+
+if __name__ == "__main__":
+    from gptlab.data.catalog import main
+
+    main()

@@ -146,6 +146,7 @@ class Job:
     tokens: float | None
     seconds: float | None
     val_curve: Curve = field(default_factory=list)  # val/loss by optimizer step
+    sources: dict[str, float] = field(default_factory=dict)  # a mixture's final val/loss/<source>
     name: str = ""
 
     @property
@@ -180,6 +181,7 @@ def read_job(run: Path) -> Job:
         tokens=_last(curves.get("train/tokens")),
         seconds=done.get("seconds") if done.get("seconds") is not None else _seconds(run),
         val_curve=[(s + 1, v) for s, v in curves.get("val/loss", [])],
+        sources={tag: c[-1][1] for tag, c in curves.items() if tag.startswith("val/loss/") and c},
     )
 
 

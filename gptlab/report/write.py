@@ -46,18 +46,25 @@ def fmt_status(job: Job) -> str:
     return f"failed: {shorten(job.reason, REASON_WIDTH)}"
 
 
+def source_tags(jobs: list[Job]) -> list[str]:
+    """The val/loss/<source> of the mixtures among the jobs."""
+    return sorted({tag for job in jobs for tag in job.sources})
+
+
 def columns(jobs: list[Job]) -> list[str]:
     metric = jobs[0].metric if jobs else "val/loss"
     extra = [metric] if metric != "val/loss" else []
-    return ["job", "name", "status", *extra, "best val/loss", "final val/loss", "steps", "tokens", "time"]
+    return ["job", "name", "status", *extra, "best val/loss", "final val/loss", *source_tags(jobs), "steps", "tokens",
+            "time"]
 
 
 def rows(jobs: list[Job]) -> list[list[str]]:
-    extra = columns(jobs)[3:-5]
+    extra = (jobs[0].metric if jobs else "val/loss") != "val/loss"
+    tags = source_tags(jobs)
     return [
         [job.path.name, job.name, fmt_status(job), *([fmt_float(job.value)] if extra else []),
-         fmt_float(job.best_val), fmt_float(job.final_val), fmt_count(job.steps), fmt_count(job.tokens),
-         fmt_seconds(job.seconds)]
+         fmt_float(job.best_val), fmt_float(job.final_val), *(fmt_float(job.sources.get(t)) for t in tags),
+         fmt_count(job.steps), fmt_count(job.tokens), fmt_seconds(job.seconds)]
         for job in jobs
     ]
 
@@ -94,12 +101,13 @@ def write_csv(path: Path, jobs: list[Job]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     metric = jobs[0].metric if jobs else "val/loss"
+    tags = source_tags(jobs)
     writer.writerow(["job", "name", "status", "reason", "metric", "value", "best_val_loss", "final_val_loss",
-                     "steps", "tokens", "seconds", "path", "overrides"])
+                     "steps", "tokens", "seconds", "path", "overrides", *tags])
     for j in jobs:
         writer.writerow([j.path.name, j.name, j.status, j.reason, metric, j.value, j.best_val, j.final_val,
                          j.steps, j.tokens, None if j.seconds is None else round(j.seconds, 1), str(j.path),
-                         " ".join(j.overrides)])
+                         " ".join(j.overrides), *(j.sources.get(t) for t in tags)])
     with atomic_write(path, "w") as f:
         f.write(buffer.getvalue())
 

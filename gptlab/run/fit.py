@@ -50,6 +50,7 @@ def fit(cfg: DictConfig) -> Outcome:
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     if info is not None and resume.finished(info, cfg.trainer.get("max_steps"), cfg.trainer.get("max_time")):
+        resume.check_tokenizer(info, hydra.utils.instantiate(cfg.data).tokenizer.state_dict())
         if metric_name not in info.metrics:
             raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")
         value = info.metrics[metric_name]

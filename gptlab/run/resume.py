@@ -53,15 +53,21 @@ def describe_vocab(state: dict[str, Any] | None) -> str:
     return f"{state.get('kind')} tokenizer"
 
 
-def check_compatible(info: checkpoint.Info, model_cfg: dict[str, Any], tokenizer: dict[str, Any]) -> None:
-    """Refuse a resume whose model shape or vocabulary differs from the checkpoint's, naming the keys."""
-    from gptlab.models import build_model
-
+def check_tokenizer(info: checkpoint.Info, tokenizer: dict[str, Any]) -> None:
+    """Refuse a resume whose data has another vocabulary than the checkpoint's (a finished run too: the
+    metric it reports belongs to its own data)."""
     if info.tokenizer is not None and info.tokenizer != tokenizer:
         raise CheckpointError(
             f"ckpt_path={info.path} was trained with a different vocabulary ({describe_vocab(info.tokenizer)}) "
             f"than data gives now ({describe_vocab(tokenizer)}); resume with the data config the run was started with"
         )
+
+
+def check_compatible(info: checkpoint.Info, model_cfg: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+    """Refuse a resume whose model shape or vocabulary differs from the checkpoint's, naming the keys."""
+    from gptlab.models import build_model
+
+    check_tokenizer(info, tokenizer)
     saved = {k: v for k, v in info.model.items() if k not in _FREE_KEYS}
     now = {k: v for k, v in model_cfg.items() if k not in _FREE_KEYS}
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))

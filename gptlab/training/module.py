@@ -70,6 +70,8 @@ class LanguageModel(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_nats, self.val_bytes = SumMetric(), SumMetric()  # for val/bpb, summed over all ranks
         self._token_bytes: torch.Tensor | None = None
+        self._val_names: list[str] | None = None  # a mixture's sources, validated one by one
+        self._per_source: torch.Tensor | None = None  # per source: window losses, windows, nats, bytes
         # progress counters that travel in the checkpoint
         self.tokens_seen = 0
         self.micro_step = 0  # micro-batches trained on (optimizer steps x accumulation)
@@ -120,6 +122,9 @@ class LanguageModel(L.LightningModule):
         if step % max(1, self.trainer.log_every_n_steps) == 0 or step == self.trainer.max_steps:
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
+            counts = getattr(self.trainer.datamodule, "counts", None)
+            for name, value in (counts.metrics() if counts is not None else {}).items():
+                self.log(name, value, on_step=True, on_epoch=False)  # train/tokens/<source>, train/epochs/<source>
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -134,6 +139,9 @@ class LanguageModel(L.LightningModule):
             # UTF-8 bytes of each token's text (0 for special tokens): the unit of val/bpb
             sizes = tokenizer_from_state(self.hparams["tokenizer"]).token_bytes()
             self._token_bytes = torch.as_tensor(sizes, dtype=torch.long, device=self.device)
+        self._val_names = getattr(self.trainer.datamodule, "val_names", None) if self.trainer.datamodule else None
+        if self._val_names:
+            self._per_source = torch.zeros(len(self._val_names), 4, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
@@ -144,6 +152,12 @@ class LanguageModel(L.LightningModule):
             size = self._token_bytes.to(y.device)[y.reshape(-1)]
             self.val_nats.update((losses * (size > 0)).sum())
             self.val_bytes.update(size.sum())
+        if self._val_names and len(batch) > 2:  # (x, y, source of each window)
+            rows = torch.stack([losses.view(x.size(0), -1).mean(1), torch.ones(x.size(0), device=x.device)], 1)
+            if self._token_bytes is not None:
+                nats, size = (losses * (size > 0)).view(x.size(0), -1).sum(1), size.view(x.size(0), -1).sum(1)
+                rows = torch.cat([rows, torch.stack([nats, size.to(nats.dtype)], 1)], 1)
+            self._per_source[:, : rows.size(1)].index_add_(0, batch[2].to(x.device), rows.double())
 
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()  # averaged over all windows and all ranks
@@ -159,6 +173,12 @@ class LanguageModel(L.LightningModule):
             self.log("val/bpb", nats / math.log(2) / size.clamp(min=1), sync_dist=False)
         self.val_nats.reset()
         self.val_bytes.reset()
+        if self._val_names:  # val/loss/<source>, val/bpb/<source>: summed over all ranks first
+            sums = self.trainer.strategy.reduce(self._per_source, reduce_op="sum")
+            for name, (loss, windows, nats, size) in zip(self._val_names, sums.tolist()):
+                self.log(f"val/loss/{name}", loss / max(windows, 1), sync_dist=False)
+                if self._token_bytes is not None:
+                    self.log(f"val/bpb/{name}", nats / math.log(2) / max(size, 1), sync_dist=False)
         self.log("val/ppl", torch.exp(value))
         self.log("hp/best_val_loss", self.best_val_loss)
 
