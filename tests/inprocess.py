@@ -70,3 +70,21 @@ def run_train(overrides: list[str], output_dir: Path) -> float | None:
 
 def run_sample(overrides: list[str]) -> list[str]:
     return script("sample").sample(compose_config(overrides, config_name="sample"))
+
+
+def run_main(args: list[str], name: str = "train") -> int:
+    """`python <name>.py <args>` in this process, Hydra and all (a multirun with its sweeper, launcher
+    and callbacks): its exit status."""
+    saved = sys.argv
+    sys.argv = [str(ROOT / f"{name}.py"), *args]
+    main = script(name).main
+    main.__wrapped__.__module__ = "__main__"  # so Hydra looks for conf/ beside the script, as when run as one
+    try:
+        with kept_environ():
+            main()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()

@@ -20,7 +20,7 @@ from typing import Any
 from gptlab.errors import ConfigError
 from gptlab.run.naming import run_name
 # the DONE / FAILED markers at the top of a run directory belong to gptlab.run.job, which writes them
-from gptlab.run.job import DONE, FAILED, mark_done, mark_failed, read_marker, read_yaml  # noqa: F401  (re-exported for gptlab.report)
+from gptlab.run.job import DONE, FAILED, PRUNED, mark_done, mark_failed, read_marker, read_yaml  # noqa: F401  (re-exported for gptlab.report)
 
 Curve = list[tuple[int, float]]
 
@@ -62,7 +62,7 @@ def group_runs(group: Path) -> list[Path]:
 
 
 def _status(run: Path) -> tuple[str, str, dict[str, Any]]:
-    """(finished / failed / running, failure message, DONE's content)."""
+    """(finished / pruned / failed / running, failure message, DONE's or PRUNED's content)."""
     status, content = read_marker(run)
     if status == "failed":
         return status, str(content or ""), {}
@@ -120,7 +120,7 @@ def _last(curve: Curve | None) -> float | None:
 
 
 # what a run writes as it goes (not a report written into its directory later)
-_PROGRESS = ("tensorboard/**/*", "csv/**/*", "checkpoints/*", "*.log", FAILED)
+_PROGRESS = ("tensorboard/**/*", "csv/**/*", "checkpoints/*", "*.log", FAILED, PRUNED)
 
 
 def _seconds(run: Path) -> float | None:
@@ -138,7 +138,7 @@ class Job:
     path: Path
     overrides: list[str]
     experiment: str | None
-    status: str  # finished / failed / running
+    status: str  # finished / pruned / failed / running
     reason: str  # the failure message
     metric: str  # the optimised metric
     value: float | None  # its final value (DONE's, else the last logged)
@@ -197,11 +197,13 @@ def name_jobs(jobs: list[Job]) -> None:
 
 
 def sort_jobs(jobs: list[Job], direction: str = "minimize") -> list[Job]:
-    """Best first by the optimised metric; then jobs without a finite value, then failed jobs."""
+    """Best first by the optimised metric; then jobs without a finite value, then pruned trials (their
+    value is from where they stopped), then failed jobs."""
     sign = -1.0 if direction == "maximize" else 1.0
 
     def key(job: Job) -> tuple:
         ok = job.value is not None and math.isfinite(job.value)
-        return (job.status == "failed", not ok, sign * job.value if ok else 0.0, natural(job.path.name))
+        return (job.status == "failed", job.status == "pruned", not ok, sign * job.value if ok else 0.0,
+                natural(job.path.name))
 
     return sorted(jobs, key=key)

@@ -3,8 +3,9 @@
 The study is read from the sweeper's RDB storage (`hydra.sweeper.storage`, or an `*.db` file in the
 sweep directory). Where there is none (the default `storage: null` keeps it in memory, gone with the
 sweep) or it cannot be read, it is rebuilt from the job directories: the search space is parsed from
-the sweeper's `params` and the sweep's command line by the sweeper plugin's own parser, each job's
-values come from its overrides, its result from its DONE / FAILED marker.
+the sweeper's `params` and the sweep's command line by the sweeper's own parser
+(gptlab.run.optuna_space), each job's values come from its overrides, its result from its DONE /
+PRUNED / FAILED marker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from gptlab.compat import distribution_holds, sweep_space
+from gptlab.compat import distribution_holds
 from gptlab.files import atomic_write
 from gptlab.report.collect import Job, natural
 from gptlab.run.job import read_yaml
@@ -36,7 +37,7 @@ def sweep_settings(group: Path, runs: list[Path]) -> tuple[dict[str, Any], list[
 
 def is_optuna(sweeper: dict[str, Any]) -> bool:
     target = str(sweeper.get("_target_", ""))
-    return "optuna" in target.lower() or target.endswith(".StudySweeper")  # Hydra's, or gptlab's on top of it
+    return "optuna" in target.lower() or target.endswith(".StudySweeper")  # gptlab's, or Hydra's former one
 
 
 def _storage_url(sweeper: dict[str, Any], group: Path, cwd: str | None) -> str | None:
@@ -67,14 +68,18 @@ def _load(url: str, name: str | None):
 
 def _space(sweeper: dict[str, Any], launch: list[str], jobs: list[Job], values: list[dict[str, Any]]) -> dict:
     """The dimensions the jobs varied, as the sweeper parsed them; one whose jobs' values it does not
-    hold (a command-line dimension replaced it: the Optuna sweeper saves no multirun.yaml to read it
-    from) or that the config does not list becomes a categorical one of the values the jobs took."""
+    hold (another sweep of the study searched it otherwise) or that the config does not list becomes a
+    categorical one of the values the jobs took."""
     from optuna.distributions import CategoricalDistribution
 
+    from gptlab.errors import ConfigError
+    from gptlab.run.optuna_space import search_space
+
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    space, fixed = sweep_space(params + launch)  # the command line's replace the config's
-    for key in fixed:
-        space.pop(key, None)
+    try:
+        space, _ = search_space(params + launch)  # the command line's replace the config's
+    except ConfigError:  # not a space Optuna can express: the jobs' values, below, still are
+        space = {}
     varied = {k for v in values for k in v if len({repr(w.get(k)) for w in values}) > 1}
     for key in set(space) - varied:
         del space[key]  # one value in every job (fixed on the command line): nothing to rank
@@ -90,7 +95,6 @@ def _rebuild(sweeper: dict[str, Any], launch: list[str], jobs: list[Job]):
     import optuna
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # create_trial, add_trial in 2.x
     parser = OverridesParser.create()
     jobs = [j for j in sorted(jobs, key=lambda j: natural(j.path.name)) if j.status != "running"]
     values = [{o.get_key_element(): o.value() for o in parser.parse_overrides(j.overrides)} for j in jobs]
@@ -102,12 +106,14 @@ def _rebuild(sweeper: dict[str, Any], launch: list[str], jobs: list[Job]):
                                     study_name=sweeper.get("study_name"))
     finally:
         optuna.logging.set_verbosity(verbosity)
+    states = {"finished": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED}
     for job, job_values in zip(jobs, values):
         params = {k: v for k, v in job_values.items() if k in space}
-        complete = job.status == "finished" and job.value is not None
+        state = states.get(job.status, optuna.trial.TrialState.FAIL) if job.value is not None else optuna.trial.TrialState.FAIL
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: space[k] for k in params}, value=job.value if complete else None,
-            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL))
+            params=params, distributions={k: space[k] for k in params},
+            value=job.value if state == optuna.trial.TrialState.COMPLETE else None, state=state,
+            intermediate_values={job.steps or 0: job.value} if state == optuna.trial.TrialState.PRUNED else None))
     return study
 
 
@@ -133,25 +139,6 @@ def load_study(group: Path, jobs: list[Job]) -> tuple[Any, list[str]]:
         return _rebuild(sweeper, launch, jobs), notes
 
 
-def _importance_figure(study: Any):
-    """Parameter importances as horizontal bars, like optuna.visualization.matplotlib's (whose 2.10
-    version calls matplotlib.cm.get_cmap, gone since matplotlib 3.9), from Optuna's importance API.
-    Optuna 2.10's default evaluator (fANOVA) fails on scikit-learn >= 1.3's tree layout; the mean
-    decrease in impurity of a random forest ranks the parameters as well."""
-    import matplotlib.pyplot as plt
-    from optuna.importance import MeanDecreaseImpurityImportanceEvaluator, get_param_importances
-
-    importances = get_param_importances(study, evaluator=MeanDecreaseImpurityImportanceEvaluator(seed=0))
-    names = list(importances)[::-1]  # the most important on top
-    figure, ax = plt.subplots()
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    for y, name in enumerate(names):
-        ax.text(importances[name], y, f" {importances[name]:.2f}", va="center", fontsize="small")
-    ax.set_xlabel(f"importance for {study.study_name or 'the objective'}")
-    ax.set_title("Hyperparameter importances")
-    return figure
-
-
 def plot_study(study: Any, group: Path) -> tuple[list[Path], list[str]]:
     """Optuna's optimisation-history plot and the parameter importances, as PNGs in `group`."""
     import matplotlib.pyplot as plt
@@ -162,13 +149,13 @@ def plot_study(study: Any, group: Path) -> tuple[list[Path], list[str]]:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = [("optuna_history.png", lambda: ovm.plot_optimization_history(study).figure)]
     if len(complete) >= 2 and any(t.distributions for t in complete):
-        plots.append(("optuna_importance.png", lambda: _importance_figure(study)))
+        plots.append(("optuna_importance.png", lambda: ovm.plot_param_importances(study).figure))
     else:
         notes.append("parameter importances need 2 or more finished trials with parameters")
     for filename, plot in plots:
         # rc_context: Optuna's plots switch matplotlib to its ggplot style for the whole process
         with warnings.catch_warnings(), plt.rc_context():
-            # optuna.visualization.matplotlib is marked experimental in Optuna 2.x
+            # optuna.visualization.matplotlib is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 figure = plot()

@@ -41,6 +41,8 @@ def fmt_seconds(value: float | None) -> str:
 
 
 def fmt_status(job: Job) -> str:
+    if job.status == "pruned" and job.steps is not None:
+        return f"pruned at step {job.steps}"
     if job.status != "failed" or not job.reason:
         return job.status
     return f"failed: {shorten(job.reason, REASON_WIDTH)}"
@@ -85,10 +87,11 @@ def _md_cell(text: str) -> str:
 
 def markdown(group: Path, jobs: list[Job], images: list[Path], notes: list[str]) -> str:
     head = columns(jobs)
-    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "running")}
+    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "running", "pruned")}
+    pruned = f", {counts['pruned']} pruned" if counts["pruned"] else ""
     out = [f"# Report: {group}", "",
-           f"{len(jobs)} jobs: {counts['finished']} finished, {counts['failed']} failed, {counts['running']} running; "
-           f"sorted by {jobs[0].metric if jobs else 'val/loss'} (best first).", "",
+           f"{len(jobs)} jobs: {counts['finished']} finished, {counts['failed']} failed, {counts['running']} running"
+           f"{pruned}; sorted by {jobs[0].metric if jobs else 'val/loss'} (best first).", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows(jobs)]
     out.append("")

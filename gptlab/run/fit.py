@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.models import RUN_SWITCHES
-from gptlab.run import resume
+from gptlab.run import pruning, resume
 from gptlab.run import trackers
 from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
@@ -108,7 +108,8 @@ def fit(cfg: DictConfig) -> Outcome:
 def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, info) -> Outcome:
     metric_name = cfg.get("optimized_metric") or "val/loss"
     run_dir = Path(cfg.paths.output_dir)
-    callbacks = [StepAxis(), trackers.TrackerRunIds(), *instantiate_all(cfg.get("callbacks"))]
+    callbacks = [StepAxis(), trackers.TrackerRunIds(), *instantiate_all(cfg.get("callbacks")),
+                 *pruning.trial_callbacks(metric_name)]
     if not loggers:  # logger=none: nothing to report learning rates to (Lightning would refuse the monitor)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -146,7 +147,8 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     last = run_dir / "checkpoints" / "last.ckpt"
     return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
                    last_ckpt=str(last) if last.is_file() else None, seconds=time.perf_counter() - started,
-                   tokens=module.tokens_seen, rank_zero=trainer.is_global_zero)
+                   tokens=module.tokens_seen, rank_zero=trainer.is_global_zero,
+                   pruned=pruning.pruned_at(trainer) is not None)
 
 
 def train(cfg: DictConfig) -> float:

@@ -41,8 +41,9 @@ class OutputDirCheck(Callback):
 
 
 class SweepTally(Callback):
-    """At the end of a multirun, one line: `N jobs: F finished, X failed (#3 non-finite loss, ...)`,
-    from the DONE / FAILED markers of the jobs this sweep ran; exit status 1 if any failed."""
+    """At the end of a multirun, one line: `N jobs: F finished, X failed (#3 non-finite loss, ...)`, then
+    `, P pruned (#4 at step 20, ...)` if an Optuna pruner stopped some, from the DONE / FAILED / PRUNED
+    markers of the jobs this sweep ran; exit status 1 if any failed (a pruned trial did not fail)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1.0
@@ -51,6 +52,8 @@ class SweepTally(Callback):
         from gptlab.run.job import read_marker
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():  # the sweep stopped before its first job (its error is on stderr)
+            return
         jobs = sorted((p for p in sweep_dir.glob("[0-9]*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         outcomes = [(p.name, *read_marker(p)) for p in jobs if _ran_now(p, self.started)]
         finished = [o for o in outcomes if o[1] == "finished"]
@@ -59,6 +62,10 @@ class SweepTally(Callback):
         if failed:
             reasons = ", ".join(f"#{num} {_short(str(why))}" for num, _, why in failed[:8])
             line += f" ({reasons}{', ...' if len(failed) > 8 else ''})"
+        pruned = [o for o in outcomes if o[1] == "pruned"]
+        if pruned:
+            at = ", ".join(f"#{num} at step {(why or {}).get('steps')}" for num, _, why in pruned[:8])
+            line += f", {len(pruned)} pruned ({at}{', ...' if len(pruned) > 8 else ''})"
         print(f"{line}; sweep directory {sweep_dir}", file=sys.stderr if failed else sys.stdout, flush=True)
         if failed:
             raise SystemExit(1)
@@ -67,7 +74,7 @@ class SweepTally(Callback):
 def _ran_now(job_dir: Path, since: float) -> bool:
     """A job of this sweep: its marker (or, still unmarked, its directory) is newer than the sweep's start
     (a resumed Optuna study's sweep directory also holds the jobs of earlier sweeps)."""
-    markers = [job_dir / m for m in ("DONE", "FAILED") if (job_dir / m).exists()]
+    markers = [job_dir / m for m in ("DONE", "FAILED", "PRUNED") if (job_dir / m).exists()]
     return any(m.stat().st_mtime >= since for m in markers) or (not markers and job_dir.stat().st_mtime >= since)
 
 

@@ -1,8 +1,9 @@
 """One job's life under Hydra: report a failure as one line, leave no debris, and in a multirun
 record the outcome in the job's directory and let the sweep go on.
 
-Each job directory ends with a marker: `DONE` (JSON: metric, value, steps, seconds) or `FAILED` (the
-error on the first line, then the traceback). `gptlab.report` and the sweep tally read them.
+Each job directory ends with a marker: `DONE` (JSON: metric, value, steps, seconds), `PRUNED` (the
+same JSON, for an Optuna trial its study's pruner stopped early) or `FAILED` (the error on the first
+line, then the traceback). `gptlab.report`, the sweep tally and the Optuna sweeper read them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import yaml
 from gptlab.errors import one_line, user_error
 from gptlab.files import atomic_write, write_json
 
-DONE, FAILED = "DONE", "FAILED"
+DONE, FAILED, PRUNED = "DONE", "FAILED", "PRUNED"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Outcome:
     tokens: int | None = None  # tokens trained on
     rank_zero: bool = True
     trained: bool = True  # False: a finished run resumed (a requeue), nothing was done
+    pruned: bool = False  # an Optuna trial stopped early by its study's pruner
 
 
 def multirun() -> bool:
@@ -53,7 +55,10 @@ def multirun() -> bool:
 def job_number() -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    trial = (HydraConfig.get().get("sweeper") or {}).get("trial")  # an Optuna job is numbered by its trial
+    return trial if trial is not None else HydraConfig.get().job.get("num")
 
 
 def only_bookkeeping(directory: Path) -> bool:
@@ -95,7 +100,8 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
     if isinstance(outcome, Outcome):
         if outcome.rank_zero and (outcome.trained or not (outcome.run_dir / DONE).exists()):  # keep the real run's
             mark_done(outcome.run_dir, outcome.metric, outcome.value, outcome.steps,
-                      round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt)
+                      round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt,
+                      marker=PRUNED if outcome.pruned else DONE)
         if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
             _move_bookkeeping(run_dir, outcome.run_dir)
         return outcome.value
@@ -114,8 +120,10 @@ def _move_bookkeeping(hydra_dir: Path, real_run: Path) -> None:
     shutil.rmtree(hydra_dir, ignore_errors=True)
 
 
-def mark_done(run_dir: str | Path, metric: str, value: float, steps: int, seconds: float, **extra: Any) -> None:
-    write_json(Path(run_dir) / DONE, {"metric": metric, "value": value, "steps": steps, "seconds": seconds, **extra})
+def mark_done(run_dir: str | Path, metric: str, value: float, steps: int, seconds: float, marker: str = DONE,
+              **extra: Any) -> None:
+    """`marker`: DONE, or PRUNED for a trial stopped by its pruner (`steps`: where it stopped)."""
+    write_json(Path(run_dir) / marker, {"metric": metric, "value": value, "steps": steps, "seconds": seconds, **extra})
 
 
 def mark_failed(run_dir: str | Path, message: str) -> None:
@@ -125,18 +133,20 @@ def mark_failed(run_dir: str | Path, message: str) -> None:
 
 
 def read_marker(job_dir: Path) -> tuple[str, dict[str, Any] | str | None]:
-    """(`finished` | `failed` | `running`, DONE's JSON or FAILED's first line)."""
+    """(`finished` | `pruned` | `failed` | `running`, DONE's or PRUNED's JSON, or FAILED's first line)."""
     try:
         lines = (job_dir / FAILED).read_text(errors="replace").splitlines()
         return "failed", lines[0].strip() if lines else ""
     except OSError:
         pass
-    try:
-        return "finished", json.loads((job_dir / DONE).read_text())
-    except FileNotFoundError:
-        return "running", None
-    except (OSError, ValueError):  # an unreadable marker: the run did finish
-        return "finished", None
+    for marker, status in ((PRUNED, "pruned"), (DONE, "finished")):
+        try:
+            return status, json.loads((job_dir / marker).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):  # an unreadable marker: the run did end so
+            return status, None
+    return "running", None
 
 
 def read_yaml(path: Path) -> Any:

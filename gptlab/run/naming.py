@@ -1,6 +1,8 @@
-"""The one rule that names a run from its overrides, for the trackers, the console and the sweep report:
-its command-line overrides minus those it shares with the rest of its sweep and minus those that say
-where it goes or how it is watched, sampled numbers shortened; else a fallback (its experiment's name)."""
+"""The one rule that names a run from its overrides, for the trackers (TensorBoard, W&B, MLflow), the
+console and the sweep report: its command-line overrides minus those it shares with the rest of its
+sweep and minus those that say where it goes or how it is watched, sampled numbers shortened; else a
+fallback (its experiment's name). A single run shares nothing: its name is its overrides, or its
+experiment's name when it has none; a job of a sweep is named by the overrides that vary (`optim.lr=3e-3`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptlab.run.job import read_yaml
+from gptlab.run.job import multirun, read_yaml
 
 # overrides that say where a run goes or how it is watched, not what it trains
 NOISE = ("hydra", "paths", "log_dir", "data_dir", "ckpt_path", "resume", "logger", "callbacks", "data.path")
@@ -29,10 +31,15 @@ def short(override: str) -> str:
     return f"{key}={number:.4g}" if sep and len(value) > 8 and not value.isdigit() else override
 
 
+def distinct(overrides: Iterable[str], shared: Iterable[str] = ()) -> list[str]:
+    """`overrides` minus `shared` and the noise: what tells a run from the rest of its sweep."""
+    shared = set(shared)
+    return [o for o in overrides if o not in shared and not is_noise(o)]
+
+
 def run_name(overrides: Iterable[str], shared: Iterable[str] = (), fallback: str = "") -> str:
     """`overrides` minus `shared` and the noise, joined by commas; `fallback` when nothing is left."""
-    shared = set(shared)
-    return ",".join(short(o) for o in overrides if o not in shared and not is_noise(o)) or fallback
+    return ",".join(short(o) for o in distinct(overrides, shared)) or fallback
 
 
 def job_overrides(run_dir: str | os.PathLike) -> list[str]:
@@ -40,9 +47,42 @@ def job_overrides(run_dir: str | os.PathLike) -> list[str]:
     return [str(o) for o in (read_yaml(Path(run_dir) / ".hydra" / "overrides.yaml") or [])]
 
 
+def launch_overrides(sweep_dir: str | os.PathLike) -> list[str]:
+    """The overrides on a sweep's command line, from its multirun.yaml (written before its first job).
+    Those given verbatim there (its fixed ones; swept ones were lists or ranges there) are shared by every job."""
+    launch = ((read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {}).get("overrides") or {}
+    return [str(o) for o in launch.get("task") or []]
+
+
 def sweep_name(run_dir: str | os.PathLike) -> str:
-    """A running job's name without the rest of its sweep: the overrides given verbatim on the sweep's
-    command line (its fixed ones; swept ones were lists or ranges there) are shared by every job."""
+    """A running job's name without the rest of its sweep (the sweep directory holds the job's)."""
     run_dir = Path(run_dir)
-    launch = ((read_yaml(run_dir.parent / "multirun.yaml") or {}).get("hydra") or {}).get("overrides") or {}
-    return run_name(job_overrides(run_dir), [str(o) for o in launch.get("task") or []], run_dir.name)
+    return run_name(job_overrides(run_dir), launch_overrides(run_dir.parent), run_dir.name)
+
+
+def link_in_sweep_view(log_dir: Path, name: str) -> None:
+    """In a multirun, `<sweep dir>/tensorboard/<name>` links to this job's event files, so that
+    `tensorboard --logdir <sweep dir>/tensorboard` lists each job by what varies (its own directory is
+    named by its number). A name another job of the sweep took gets this job's number: `<name> (3)`."""
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+    if not multirun() or rank_zero_only.rank != 0:
+        return
+    sweep, log_dir = Path(HydraConfig.get().sweep.dir).resolve(), log_dir.resolve()
+    if not log_dir.is_relative_to(sweep):
+        return  # event files outside the sweep directory (logger.tensorboard.save_dir set elsewhere)
+    view, job = sweep / "tensorboard", log_dir.relative_to(sweep).parts[0]
+    base = name.replace(os.sep, "_")[:200]
+    for link in (view / base, view / f"{base} ({job})"):
+        try:
+            view.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() and link.resolve() == log_dir:
+                return  # this job's, from before a resume
+            link.symlink_to(os.path.relpath(log_dir, view))
+            return
+        except FileExistsError:
+            continue
+        except OSError as e:  # a filesystem without symlinks: the view is a convenience
+            rank_zero_warn(f"no TensorBoard view of the sweep ({e})")
+            return

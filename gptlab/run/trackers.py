@@ -3,9 +3,11 @@
 Each file of conf/logger/ adds one entry under `logger:` (TensorBoard, CSV, W&B, MLflow), so
 `logger=[tensorboard,wandb]` composes several. This module builds them for a run:
 
-* a readable name, `run_name(cfg)`: the job's command-line overrides (`optim.lr=3e-3,model.n_layer=4`),
-  the experiment's name when there are none; W&B and MLflow show it as the run name, TensorBoard as
-  the `run` column of its HPARAMS tab;
+* a readable name, `run_name(cfg)` (gptlab.run.naming's rule): in a sweep the overrides that vary
+  (`optim.lr=3e-3,model.n_layer=4`), else the run's overrides or its experiment's name; W&B and MLflow
+  show it as the run name, TensorBoard as the `run` column of HPARAMS (the swept keys first) and, in a
+  sweep, as the name of the job's link under `<sweep dir>/tensorboard/`; Lightning's `epoch` scalar is
+  left out of every tracker;
 * resume continues the same run in each tracker instead of forking one: TensorBoard drops the events a
   killed run wrote after its checkpoint (`purge_step`), CSV keeps the rows before it, and W&B and MLflow
   reopen the run whose id the checkpoint keeps in `gptlab.trackers` (see gptlab/checkpoint.py);
@@ -38,15 +40,37 @@ EXTRA = 'pip install "gptlab[track]"'
 
 
 # -- names and hyperparameters ------------------------------------------------------------------
+def _overrides(cfg: DictConfig) -> tuple[list[str], list[str], str]:
+    """(this job's overrides, those its whole sweep shares (none for a single run), its experiment's name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from gptlab.run.job import multirun
+
+    hydra_cfg = HydraConfig.get()
+    shared = naming.launch_overrides(hydra_cfg.sweep.dir) if multirun() else []
+    experiment = str(hydra_cfg.runtime.choices.get("experiment") or cfg.get("task_name") or "train")
+    return list(hydra_cfg.overrides.task), shared, experiment
+
+
 def run_name(cfg: DictConfig) -> str:
-    """What trackers call this job (gptlab.run.naming's rule), else its experiment's name."""
+    """What trackers call this job (gptlab.run.naming's rule): in a sweep the overrides that vary,
+    else its overrides; its experiment's name when that leaves nothing."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return str(cfg.get("task_name") or "train")
-    hydra_cfg = HydraConfig.get()
-    fallback = str(hydra_cfg.runtime.choices.get("experiment") or cfg.get("task_name") or "train")
-    return naming.run_name(hydra_cfg.overrides.task, fallback=fallback)
+    overrides, shared, experiment = _overrides(cfg)
+    return naming.run_name(overrides, shared, fallback=experiment)
+
+
+def varied_keys(cfg: DictConfig) -> list[str]:
+    """The hyperparameters (`optim/lr`) this job's name is made of, in its overrides' order."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides, shared, _ = _overrides(cfg)
+    return [o.split("=", 1)[0].lstrip("~+").replace(".", "/") for o in naming.distinct(overrides, shared)]
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -71,13 +95,16 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def log_hyperparams(loggers: list[Logger], cfg: DictConfig) -> None:
-    """Hyperparameters reach each tracker in its own way. Pass `trainer.loggers` (fast_dev_run swaps
-    in a no-op logger)."""
+    """Hyperparameters reach each tracker in its own way, those that vary across a sweep first (the
+    order of TensorBoard's HPARAMS columns). Pass `trainer.loggers` (fast_dev_run swaps in a no-op logger)."""
     params = flat_hparams(cfg)
+    first = [k for k in varied_keys(cfg) if k in params]
+    params = {**{k: params[k] for k in first}, **params}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             # the HPARAMS tab lists a run only with a metric; LanguageModel logs hp/best_val_loss later
-            logger.log_hyperparams({**params, "run": run_name(cfg)}, {"hp/best_val_loss": float("nan")})
+            named = {**{k: params[k] for k in first}, "run": run_name(cfg), **params}
+            logger.log_hyperparams(named, {"hp/best_val_loss": float("nan")})
         elif isinstance(logger, MLFlowLogger) and logger.run_id:  # run_id: None on ranks other than 0
             _log_mlflow_params(logger, params)
         else:  # W&B, CSV and others take no metrics here
@@ -116,8 +143,22 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
         continued = kwargs.get("run_id") or node.get("run_id")  # an MLflow run to continue
         if isinstance(logger, MLFlowLogger) and continued:
             _check_mlflow_run(f"logger.{key}", logger, continued, node.get("tracking_uri"))
+        if isinstance(logger, TensorBoardLogger):
+            naming.link_in_sweep_view(Path(logger.log_dir), name)
+        _drop_epoch(logger)
         loggers.append(logger)
     return loggers
+
+
+def _drop_epoch(logger: Logger) -> None:
+    """Lightning adds the epoch to every step's metrics; gptlab's runs count optimizer steps and its
+    epochs are not a unit anyone tunes, so no tracker gets the `epoch` scalar."""
+    log_metrics = logger.log_metrics
+
+    def without_epoch(metrics: dict[str, float], step: int | None = None) -> None:
+        log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    logger.log_metrics = without_epoch
 
 
 def _target_class(where: str, target: str) -> type:
