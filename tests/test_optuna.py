@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +40,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(*command: str) -> subprocess.Popen:
+    """A server in a process group of its own (mlflow server starts workers), stopped by `stop`."""
+    return subprocess.Popen([str(Path(sys.executable).parent / command[0]), *command[1:]], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def get_json(url: str, deadline: float, proc: subprocess.Popen) -> object:
@@ -128,16 +148,15 @@ def test_a_trial_worse_than_the_median_is_pruned(pruned):
 def test_optuna_dashboard_serves_the_study(pruned):
     sweep_dir, _, _ = pruned
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{sweep_dir}/optuna.db",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_server("optuna-dashboard", f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1", "--port", str(port))
+    url = f"http://127.0.0.1:{port}/api/studies"
     try:
-        studies = get_json(f"http://127.0.0.1:{port}/api/studies", time.time() + 60, proc)
+        (study,) = get_json(url, time.time() + 60, proc)["study_summaries"]
+        trials = get_json(f"{url}/{study['study_id']}", time.time() + 30, proc)["trials"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    (study,) = studies["studies"]
+        stop(proc)
     assert study["study_name"] == "gptlab"
+    assert [t["state"] for t in trials] == ["Complete"] * 5 + ["Pruned"]
 
 
 def test_current_optuna_and_sqlalchemy_without_hydras_former_sweeper():
