@@ -152,8 +152,10 @@ def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir):
     # one sweep of two jobs: the relaunched ranks started no sweeps of their own
     assert output.count("Launching 2 jobs locally") == 1
     assert len(re.findall(r"\t#0 : ", output)) == 1 and len(re.findall(r"\t#1 : ", output)) == 1
-    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml", "tensorboard"]
     assert not list(sweep_dir.glob("*/multirun.yaml"))
+    # TensorBoard's view of the sweep: one link per job (rank 0's), named by what varies
+    assert sorted(p.name for p in (sweep_dir / "tensorboard").iterdir()) == ["optim.lr=0.001", "optim.lr=0.002"]
     for job, lr in (("0", 1e-3), ("1", 2e-3)):
         job_dir = sweep_dir / job
         assert (job_dir / "checkpoints" / "last.ckpt").is_file()
