@@ -1,9 +1,6 @@
 """Every place gptlab reaches into another library's private names, one small function each, with the
 reason (and the upstream issue where there is one). tests/test_compat.py exercises each against the
 installed versions, so an upgrade that moves one fails there, by name, rather than deep inside a run.
-
-(gptlab/run/optuna_sweeper.py and hydra_plugins/ keep their own: Hydra's Optuna sweeper is built on its
-private `_impl` module.)
 """
 
 from __future__ import annotations
@@ -68,13 +65,20 @@ def close_wandb_run(logger: Any, exit_code: int) -> None:
         logger._experiment = None
 
 
-# -- Hydra's Optuna sweeper and Optuna ------------------------------------------------------------------
-def sweep_space(overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Optuna distributions, fixed values) of sweep overrides, parsed as Hydra's Optuna sweeper parses
-    them; the plugin exposes no public parser (it lives in its `_impl` module)."""
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+# -- Optuna ---------------------------------------------------------------------------------------------
+def set_trial_system_attr(study: Any, trial: Any, key: str, value: Any) -> None:
+    """Mark a trial in its study's storage (the sweeper's owner, killed and surplus marks). Optuna's
+    public setter (`Trial.set_system_attr`) was removed after its 3.1 deprecation; the storage's own
+    takes the private trial id."""
+    study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
-    return create_params_from_overrides(overrides)
+
+def trial_of(study: Any, number: int) -> Any:
+    """The live `optuna.trial.Trial` of a study's trial number, for a job in another process to report
+    to: Optuna gives trials out only from `study.ask`, and the storage looks them up by private ids."""
+    import optuna
+
+    return optuna.trial.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
 
 
 def distribution_holds(dist: Any, value: Any) -> bool:

@@ -68,11 +68,21 @@ def test_run_started_asks_without_starting_a_run(tmp_path):
     assert not compat.run_started(wandb) and not (tmp_path / "wandb").exists()
 
 
-def test_sweep_space_parses_as_hydras_optuna_sweeper():
-    space, fixed = compat.sweep_space(["optim.lr=tag(log, interval(1e-4, 1e-2))", "model.n_layer=choice(2,4)", "seed=3"])
-    assert set(space) == {"optim.lr", "model.n_layer"} and fixed == {"seed": "3"}
+def test_optuna_trials_by_number_and_their_system_attrs():
+    import optuna
+
+    from gptlab.run.optuna_space import search_space
+
+    space, _ = search_space(["optim.lr=tag(log, interval(1e-4, 1e-2))", "model.n_layer=choice(2,4)"])
     assert compat.distribution_holds(space["optim.lr"], 1e-3) and not compat.distribution_holds(space["optim.lr"], 1.0)
     assert compat.distribution_holds(space["model.n_layer"], 4) and not compat.distribution_holds(space["model.n_layer"], 3)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    asked = study.ask(space)
+    compat.set_trial_system_attr(study, asked, "gptlab_owner", "me")
+    compat.trial_of(study, asked.number).report(2.5, step=4)
+    (trial,) = study.trials
+    assert trial.system_attrs["gptlab_owner"] == "me" and trial.intermediate_values == {4: 2.5}
 
 
 def test_torch_wrapper_prefixes():

@@ -33,6 +33,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import TrialState
 
+from gptlab.compat import set_trial_system_attr
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import owner_gone, owner_tag
 from gptlab.run import optuna_space, pruning
@@ -53,7 +54,7 @@ def _counts(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def _tell(study: optuna.Study, trial: optuna.trial.Trial, **kwargs: Any) -> None:
+def _tell(study: optuna.Study, trial: optuna.trial.Trial | int, **kwargs: Any) -> None:
     try:
         study.tell(trial, **kwargs)
     except RuntimeError as e:  # the grid sampler stops the study after its last point, outside optimize()
@@ -128,8 +129,8 @@ class StudySweeperImpl:
                 raise ConfigError(f"hydra.sweeper.study_name={self.study_name}: {e}") from None
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if owner_gone(str(trial.system_attrs.get(OWNER, ""))):
-                study._storage.set_trial_system_attr(trial._trial_id, KILLED, True)
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                set_trial_system_attr(study, trial, KILLED, True)
+                _tell(study, trial.number, state=TrialState.FAIL)
                 log.info(f"trial {trial.number} was running in a process that has exited: marked failed, not counted")
         return study
 
@@ -156,9 +157,9 @@ class StudySweeperImpl:
             trials = []
             for _ in range(min(self.n_jobs, remaining)):
                 trial = study.ask(fixed_distributions=space)
-                study._storage.set_trial_system_attr(trial._trial_id, OWNER, me)
+                set_trial_system_attr(study, trial, OWNER, me)
                 if self._used(study) > self.n_trials:  # another sweeper took the last slot meanwhile
-                    study._storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
+                    set_trial_system_attr(study, trial, SURPLUS, True)
                     study.tell(trial, state=TrialState.FAIL)
                     break
                 trials.append(trial)
@@ -183,7 +184,7 @@ class StudySweeperImpl:
                 pruning.unregister(study, trial)
         for trial, ret in zip(trials, returns):
             status, _ = read_marker(self.sweep_dir / str(trial.number))
-            value = ret._return_value if ret.status == JobStatus.COMPLETED else None
+            value = ret.return_value if ret.status == JobStatus.COMPLETED else None
             if status == "pruned":
                 _tell(study, trial, state=TrialState.PRUNED)
                 log.info(f"trial {trial.number} was pruned")

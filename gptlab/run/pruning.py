@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 from omegaconf import OmegaConf
 
+from gptlab.compat import trial_of
 from gptlab.errors import ConfigError
 
 PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner"}
@@ -103,8 +104,7 @@ def _open_trial(sweeper: Any, number: int):
         raise ConfigError("a job in a process of its own cannot reach an in-memory study: set hydra.sweeper.storage")
     name = sweeper.get("study_name") or optuna.get_all_study_names(storage)[0]
     study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(sweeper.get("pruner")))
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    return optuna.trial.Trial(study, trial_id)
+    return trial_of(study, number)
 
 
 class TrialPruning(L.Callback):
