@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import checkpoint
 from gptlab.config import validate_dataclass
-from gptlab.data.tokenizers import tokenizer_from_state
-from gptlab.errors import CheckpointError, ConfigError
+from gptlab.errors import ConfigError
+from gptlab.loading import DTYPES, Dtype, load_model, pick_device
 from gptlab.run.job import run
 from gptlab.sampling import MaxNewTokens, Temperature, TopK, TopP, generate, start_ids
 from gptlab.schema import Positive
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = {name: getattr(torch, name) for name in typing.get_args(Dtype)}
-
 
 @dataclass
 class SampleConfig:
@@ -41,40 +34,6 @@ class SampleConfig:
     dtype: Dtype = "float32"
     use_kv_cache: bool = True
     compile: bool | str = False
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise ConfigError(f"device={name}: this machine has {have}; use device=cpu or device=auto")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device={name}: MPS is not available here; use device=cpu or device=auto")
-    return device
-
-
-def load_model(path: str | Path, tokenizer: str | None = None):
-    """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face model directory
-    (`tokenizer`: the directory's tokenizer when it names none, see gptlab/hf/tokenizer.py)."""
-    path = Path(str(path)).expanduser()
-    if path.is_dir():
-        from gptlab.hf import load_hf_model
-
-        return load_hf_model(path, tokenizer)
-    ckpt = checkpoint.load(path)
-    model, hparams = checkpoint.model_from_checkpoint(ckpt, path)
-    if not hparams.get("tokenizer"):
-        raise CheckpointError(f"{path} carries no tokenizer state; it cannot be sampled from text")
-    return model, tokenizer_from_state(hparams["tokenizer"])
 
 
 def read_prompt(prompt: str | None) -> str | None:

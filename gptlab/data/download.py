@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gptlab.errors import DataError
@@ -24,8 +26,14 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("GPTLAB_DATA_DIR") or Path.home() / ".cache" / "gptlab").expanduser()
 
 
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
+def download(
+    url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0, offline_hint: str | None = None,
+    progress: bool = False,
+) -> Path:
     """Fetch `url` to `dest` unless a verified copy is there already.
+
+    `offline_hint`: what the error of an unreachable URL tells the user to do instead (default: the
+    corpus's data.path); `progress`: show a progress bar while fetching.
 
     The bytes go to a temporary file beside `dest` (gptlab.files.atomic_write) and are renamed into
     place only after the checksum matched, so an interrupted or corrupted download never leaves a file
@@ -47,17 +55,18 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
         try:
             response = urllib.request.urlopen(url, timeout=timeout)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise _unreachable(url, e, dest) from None
-        with response:
+            raise _unreachable(url, e, dest, offline_hint) from None
+        with response, _bar(progress, dest.name, response.headers.get("Content-Length")) as advance:
             while True:
                 try:
                     chunk = response.read(1 << 20)
                 except (OSError, ValueError) as e:
-                    raise _unreachable(url, e, dest) from None
+                    raise _unreachable(url, e, dest, offline_hint) from None
                 if not chunk:
                     break
                 h.update(chunk)
                 out.write(chunk)
+                advance(len(chunk))
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256:
             raise DataError(
@@ -66,13 +75,25 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     return dest
 
 
-def _unreachable(url: str, e: Exception, dest: Path) -> DataError:
+@contextlib.contextmanager
+def _bar(show: bool, name: str, total: str | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar for a download (`advance(n_bytes)`), or nothing when `show` is false."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(name, total=int(total) if total and total.isdigit() else None)
+        yield lambda n: bar.advance(task, n)
+
+
+def _unreachable(url: str, e: Exception, dest: Path, hint: str | None = None) -> DataError:
     reason = getattr(e, "reason", e)
-    return DataError(
-        f"could not download {url} ({reason}). If this machine is offline, put the text file "
-        f"somewhere and pass data.path=/path/to/file.txt, or place it at {dest} "
-        f"(the cache directory is $GPTLAB_DATA_DIR, now {default_data_dir()})"
-    )
+    hint = hint or (f"put the text file somewhere and pass data.path=/path/to/file.txt, or place it at {dest} "
+                    f"(the cache directory is $GPTLAB_DATA_DIR, now {default_data_dir()})")
+    return DataError(f"could not download {url} ({reason}). If this machine is offline, {hint}")
 
 
 if __name__ == "__main__":
