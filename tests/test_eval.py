@@ -176,3 +176,183 @@ def test_adapter_equals_the_harness_hf_model(exported):
         for name, value in harness["results"][task].items():
             if isinstance(value, float):
                 assert ours["results"][task][name] == pytest.approx(value, rel=1e-5), (task, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m gptlab.eval: every tokenizer, the table and eval.json, bad input as one line
+
+
+def char_checkpoint(path: Path) -> Path:
+    from gptlab import checkpoint
+
+    text = "".join(json.dumps(r) for r in HELLASWAG + LAMBADA + CHOICE)
+    tok = CharTokenizer(text + "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    cfg = dict(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)
+    model = random_model(cfg, 2)
+    return checkpoint.save(checkpoint.new_checkpoint(cfg, model.state_dict(), tok.state_dict()), path)
+
+
+def eval_config(overrides: list[str]):
+    from inprocess import compose_config
+
+    return compose_config(overrides, config_name="eval")
+
+
+def test_char_model_evaluates_through_the_command(tmp_path, task_dir, capsys):
+    from gptlab.eval.cli import evaluate
+
+    ckpt = char_checkpoint(tmp_path / "char.ckpt")
+    out = tmp_path / "out"
+    record = evaluate(eval_config([f"ckpt_path={ckpt}", f"tasks=[hellaswag,{task_dir / 'eval' / 'lambada_test.jsonl'},"
+                                   f"{task_dir / 'choice.jsonl'}]", f"paths.data_dir={task_dir}", "download=false",
+                                   "limit=2", "device=cpu"]), out)
+    printed = capsys.readouterr().out
+    written = json.loads((out / "eval.json").read_text())
+    assert written["results"] == json.loads(json.dumps(record["results"]))
+    assert set(written["results"]) == {"hellaswag", "lambada_test", "choice"}
+    assert written["results"]["hellaswag"]["acc_norm"]["items"] == 2
+    assert set(written["results"]["lambada_test"]) == {"acc", "perplexity"}
+    ppl = written["results"]["lambada_test"]["perplexity"]["value"]
+    assert 1 < ppl < float("inf")
+    header = printed.splitlines()[0].split()
+    assert header == ["task", "metric", "value", "stderr", "items"]
+    assert any(line.split()[:2] == ["lambada_test", "perplexity"] and f"{ppl:.4f}" in line for line in printed.splitlines())
+
+
+def test_nanogpt_style_scores_the_raw_context_per_token(task_dir):
+    harness = load_task("hellaswag", data_dir=task_dir, fetch=False)
+    nano = load_task("hellaswag", style="nanogpt", data_dir=task_dir, fetch=False)
+    assert harness.items[1].context == "Baking cookies: How to bake cookies. Preheat the oven. Then mix the flour"
+    assert harness.items[1].choices[:2] == ["and sugar in a bowl.", "with the eggs."]
+    assert nano.items[1].context == "x" and nano.items[1].choices[0] == "and sugar [substeps] in a bowl."
+    tok = BPETokenizer("gpt2")
+    model = random_model(dict(GPT2_SHAPE, block_size=128), 3)
+    scores = score_task(model, tok, nano)
+    # build-nanogpt: context and " " + ending tokenized apart, acc_norm by the mean log-probability per token
+    for item, item_scores in zip(nano.items, scores):
+        ids = tok.encode(item.context)
+        for choice, (ll, _, n) in zip(item.choices, item_scores):
+            end = tok.encode(" " + choice)
+            logp = torch.log_softmax(model(torch.tensor([ids + end]))[0, len(ids) - 1:-1], dim=-1)
+            assert ll == pytest.approx(logp.gather(1, torch.tensor(end)[:, None]).sum().item(), abs=1e-4)
+            assert n == len(end)
+    per_item = item_metrics(nano, scores)
+    expected = [float(max(range(len(s)), key=lambda i: s[i][0] / s[i][2]) == item.label)
+                for item, s in zip(nano.items, scores)]
+    assert per_item["acc_norm"] == expected
+
+
+def bad(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bad_task_files_name_file_and_line(tmp_path, task_dir):
+    with pytest.raises(ConfigError, match="unknown task 'nope'; known tasks: hellaswag, lambada"):
+        load_task("nope")
+    malformed = bad(tmp_path, "m.jsonl", json.dumps(CHOICE[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=f"{malformed}, line 2: not JSON"):
+        load_task(str(malformed))
+    wrong_keys = bad(tmp_path, "k.jsonl", json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(DataError, match=f"{wrong_keys}, line 1: not a task item"):
+        load_task(str(wrong_keys))
+    out_of_range = bad(tmp_path, "r.jsonl", json.dumps(CHOICE[0]) + "\n" + json.dumps(dict(CHOICE[1], label=2)) + "\n")
+    with pytest.raises(DataError, match=rf"{out_of_range}, line 2: label 2 is out of range for 2 choices \(0..1\)"):
+        load_task(str(out_of_range))
+    hs = bad(tmp_path, "h.jsonl", json.dumps(dict(HELLASWAG[0], label=4)) + "\n")
+    with pytest.raises(DataError, match="line 1: label 4 is out of range for 4 choices"):
+        load_task(str(hs))
+    with pytest.raises(ConfigError, match="limit=0: must be a positive number"):
+        load_task(str(task_dir / "choice.jsonl"), limit=0)
+    empty = tmp_path / "data"
+    with pytest.raises(DataError, match=r"the lambada task file is missing and download=false: download "
+                                        r"https://openaipublic.*lambada_test.jsonl and put it at .*data/eval/lambada_test.jsonl"):
+        load_task("lambada", data_dir=empty, fetch=False)
+    with pytest.raises(DataError, match="is not the official lambada file"):  # the made-up file fails the sha256
+        load_task("lambada", data_dir=task_dir, fetch=False)
+
+
+def test_command_errors_are_one_line(tmp_path, task_dir, capsys, monkeypatch):
+    import sys
+
+    from gptlab.eval.cli import evaluate
+    from gptlab.run.job import run
+
+    garbage = bad(tmp_path, "bad.ckpt", "not a checkpoint")
+    out = tmp_path / "out"
+    cases = [
+        ([f"ckpt_path={garbage}", f"tasks=[{task_dir / 'choice.jsonl'}]"], "is not a PyTorch checkpoint file"),
+        ([f"ckpt_path={garbage}", "tasks=[nope]"], "unknown task 'nope'; known tasks: hellaswag, lambada"),
+        ([f"ckpt_path={garbage}", "limit=-1"], "limit=-1: must be a positive number"),
+        ([f"ckpt_path={garbage}", "tasks=[]", "harness_tasks=[arc_easy]"], r'pip install -e "\.\[eval\]"'),
+    ]
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    for overrides, message in cases:
+        cfg = eval_config(overrides)
+        with pytest.raises(SystemExit) as exit_:
+            run(lambda: evaluate(cfg, out), run_dir=None)
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("Error: "), err
+        assert __import__("re").search(message, err[0]), err[0]
+        assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# during training: callbacks=eval
+
+
+# made-up items in tiny Shakespeare's characters (the char model's vocabulary)
+TRAIN_CHOICE = [{"context": "ROMEO: I love", "choices": ["thee, my lord.", "the king", "no man"], "label": 0},
+                {"context": "JULIET: O Romeo,", "choices": ["Romeo!", "wherefore art thou?"], "label": 1},
+                {"context": "First Citizen: We are", "choices": ["accounted poor citizens.", "rich"], "label": 0}]
+TRAIN_CLOZE = [{"text": "What light through yonder window breaks"}, {"text": "To be or not to be, that is the question"},
+               {"text": "Now is the winter of our discontent"}]
+
+
+@pytest.fixture(scope="module")
+def train_tasks(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("train-tasks")
+    return [write_jsonl(d / "lines.jsonl", TRAIN_CHOICE), write_jsonl(d / "words.jsonl", TRAIN_CLOZE)]
+
+
+def eval_overrides(tasks: list[Path], *extra: str) -> list[str]:
+    from conftest import SHAKESPEARE, TINY
+
+    return [f"data.path={SHAKESPEARE}", *TINY, "callbacks=eval", f"callbacks.eval.tasks=[{tasks[0]},{tasks[1]}]",
+            "callbacks.eval.limit=null", "callbacks.eval.every_n_validations=2", "callbacks.eval.batch_size=2",
+            "trainer.val_check_interval=1", "logger=[tensorboard,csv]", "~callbacks.attention_maps",
+            "~callbacks.text_sample", *extra]
+
+
+def native(ckpt: Path, tasks: list[Path]) -> dict[str, dict]:
+    """Each task's metrics for a checkpoint, scored in this one process."""
+    from gptlab.loading import load_model
+
+    model, tok = load_model(ckpt)
+    return {p.stem: evaluate_task(model, tok, load_task(str(p)), batch_size=3) for p in tasks}
+
+
+def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, data_dir, train_tasks):
+    import pandas as pd
+
+    from conftest import read_scalars
+    from inprocess import run_train
+
+    run = tmp_path / "run"
+    first = run_train(eval_overrides(train_tasks, "trainer.max_steps=4", "optimized_metric=eval/lines/acc_norm"), run)
+    assert first in (0.0, 1 / 3, 2 / 3, 1.0)
+    run_train(eval_overrides(train_tasks, "trainer.max_steps=8", "resume=auto"), run)
+    scalars = read_scalars(run / "tensorboard")
+    # every second validation (steps 2, 4, 6, 8; TensorBoard's axis counts from 0): none repeated, none lost
+    for tag in ("eval/lines/acc", "eval/lines/acc_norm", "eval/words/acc", "eval/words/perplexity"):
+        assert [s for s, _ in scalars[tag]] == [1, 3, 5, 7], tag
+    rows = pd.read_csv(run / "csv" / "metrics.csv")
+    logged = rows.dropna(subset=["eval/words/perplexity"])
+    assert logged["step"].tolist() == [1, 3, 5, 7]
+    assert logged["eval/words/perplexity"].tolist() == pytest.approx([v for _, v in scalars["eval/words/perplexity"]])
+    # the last point is what the final weights score in one process
+    final = native(run / "checkpoints" / "last.ckpt", train_tasks)
+    assert scalars["eval/words/perplexity"][-1][1] == pytest.approx(final["words"]["perplexity"]["value"], rel=1e-5)
+    assert scalars["eval/lines/acc_norm"][-1][1] == final["lines"]["acc_norm"]["value"]

@@ -70,7 +70,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
-    args = validate_dataclass(OmegaConf.to_container(cfg, resolve=True), EvalConfig)
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "paths"])  # paths.output_dir needs Hydra's runtime
+    args = validate_dataclass(OmegaConf.to_container(own, resolve=True), EvalConfig)
     check(args)
     from gptlab.eval.metrics import evaluate_task
     from gptlab.eval.tasks import load_task
@@ -81,7 +82,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
         from gptlab.eval.harness import require_lm_eval
 
         harness = require_lm_eval()  # before the model loads: a missing extra is found at once
-    tasks = [load_task(str(t), args.limit, args.hellaswag_style, args.download, cfg.paths.data_dir)
+    tasks = [load_task(str(t), args.limit, args.hellaswag_style, args.download, OmegaConf.select(cfg, "paths.data_dir"))
              for t in args.tasks]
     device = pick_device(args.device)
     model, tokenizer = load_model(args.ckpt_path, args.tokenizer)

@@ -1,0 +1,82 @@
+"""Downstream tasks scored during training (`callbacks=eval`, conf/callbacks/eval.yaml).
+
+Every `every_n_validations`-th validation, the first `limit` items of each task (the same items each
+time) are scored with the model as it is, and `eval/<task>/<metric>` is logged like val/loss: to every
+tracker, to the checkpoint's metrics, and for `optimized_metric=eval/hellaswag/acc_norm`. Under DDP
+each rank scores every world_size-th item and the scores are gathered into item order, so the numbers
+are one process's. The count of validations travels in the checkpoint: a resumed run evaluates at the
+validations the uninterrupted run would have, and its earlier points stay where they were logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from gptlab.data.tokenizers import tokenizer_from_state
+from gptlab.errors import ConfigError
+from gptlab.eval.metrics import Scores, evaluate_task
+from gptlab.eval.tasks import Task, load_task
+
+
+def shard(rank: int, world: int) -> Callable[[int], tuple[list[int], Callable[[Scores], Scores]]] | None:
+    """The DDP split of a task's items: (this rank's item indices, a join of every rank's scores)."""
+    if world <= 1:
+        return None
+
+    def split(n: int):
+        def join(local: Scores) -> Scores:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, local)
+            out: list[Any] = [None] * n
+            for r, part in enumerate(parts):
+                for i, scores in zip(range(r, n, world), part):
+                    out[i] = scores
+            return out
+
+        return list(range(rank, n, world)), join
+
+    return split
+
+
+class DownstreamEval(L.Callback):
+    """Scores `tasks` (built-in names or .jsonl paths, see gptlab.eval.tasks) on their first `limit` items."""
+
+    def __init__(self, tasks: list[str], limit: int | None = 200, every_n_validations: int = 1,
+                 batch_size: int = 16, hellaswag_style: str = "harness", download: bool = True,
+                 data_dir: str | None = None):
+        if not tasks:
+            raise ConfigError("callbacks.eval.tasks is empty: name the tasks to score, e.g. [hellaswag]")
+        if not isinstance(every_n_validations, int) or every_n_validations < 1:
+            raise ConfigError(f"callbacks.eval.every_n_validations={every_n_validations!r}: must be >= 1")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"callbacks.eval.batch_size={batch_size!r}: must be >= 1")
+        # read (and fetch) the items now: a bad task stops the run before it trains
+        self.tasks: list[Task] = [load_task(str(t), limit, hellaswag_style, download, data_dir) for t in tasks]
+        self.every = every_n_validations
+        self.batch_size = batch_size
+        self.validations = 0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every or not pl_module.hparams.get("tokenizer"):
+            return
+        tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
+        split = shard(trainer.global_rank, trainer.world_size)
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for task in self.tasks:
+                metrics = evaluate_task(pl_module.model, tokenizer, task, self.batch_size, split)
+                for name, m in metrics.items():
+                    # the same value on every rank (gathered): no reduction
+                    pl_module.log(f"eval/{task.name}/{name}", float(m["value"]), sync_dist=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
