@@ -17,6 +17,7 @@ from gptlab.data import TokenDataModule
 from gptlab.training.optim import lr_factor
 
 from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script, train_args
+from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,14 @@ def event_files(run_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
+def eval_tasks(tmp_path_factory) -> list[Path]:
+    """Task files for the downstream-eval callback the DDP run carries (tests/eval_items.py)."""
+    d = tmp_path_factory.mktemp("ddp-tasks")
+    return [write_jsonl(d / "lines.jsonl", TRAIN_CHOICE), write_jsonl(d / "words.jsonl", TRAIN_CLOZE)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_dir, eval_tasks) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     proc = run_script(
         "train.py",
@@ -53,6 +61,10 @@ def ddp_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
             "optim.lr=1e-3",
             "optim.min_lr=1e-4",
             *PROBE,
+            # downstream tasks at each validation: 3 items a task over 2 ranks
+            "callbacks=eval",
+            f"callbacks.eval.tasks=[{eval_tasks[0]},{eval_tasks[1]}]",
+            "callbacks.eval.limit=null",
         ),
         data_dir,
         **PROBE_ENV,
@@ -105,6 +117,17 @@ def test_ddp_global_batch_and_lr_schedule(ddp_run):
     # validation every 2 optimizer steps, the validation loss averaged over both ranks' shards
     assert [s for s, _ in scalars["val/loss"]] == [1, 3]
     assert all(math.isfinite(v) for _, v in scalars["val/loss"])
+
+
+def test_ddp_eval_callback_gives_one_process_numbers(ddp_run, eval_tasks):
+    """Each rank scores every second item; gathered, the logged numbers are the final weights' in one process."""
+    run_dir, _ = ddp_run
+    scalars = read_scalars(run_dir / "tensorboard")
+    final = native(run_dir / "checkpoints" / "last.ckpt", eval_tasks)
+    for task, metrics in final.items():
+        for name, m in metrics.items():
+            assert [s for s, _ in scalars[f"eval/{task}/{name}"]] == [1, 3]
+            assert scalars[f"eval/{task}/{name}"][-1][1] == pytest.approx(m["value"], rel=1e-5), (task, name)
 
 
 def test_ddp_checkpoint_loads_and_samples(ddp_run, data_dir):

@@ -18,6 +18,8 @@ from gptlab.eval import load_task, score_task
 from gptlab.eval.metrics import evaluate_task, item_metrics
 from gptlab.models import build_model
 
+from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl  # noqa: F401
+
 pytest.importorskip("transformers")
 
 HELLASWAG = [
@@ -39,11 +41,6 @@ LAMBADA = [{"text": "she opened the door and saw her old friend standing there ,
            {"text": " ".join(["one two three four five six"] * 14) + " seven"}]
 CHOICE = [{"context": "The sky is ", "choices": ["blue.", "green.", "made of cheese."], "label": 0},
           {"context": "2 + 2 =", "choices": ["4", "5"], "label": 1}]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -303,14 +300,6 @@ def test_command_errors_are_one_line(tmp_path, task_dir, capsys, monkeypatch):
 # during training: callbacks=eval
 
 
-# made-up items in tiny Shakespeare's characters (the char model's vocabulary)
-TRAIN_CHOICE = [{"context": "ROMEO: I love", "choices": ["thee, my lord.", "the king", "no man"], "label": 0},
-                {"context": "JULIET: O Romeo,", "choices": ["Romeo!", "wherefore art thou?"], "label": 1},
-                {"context": "First Citizen: We are", "choices": ["accounted poor citizens.", "rich"], "label": 0}]
-TRAIN_CLOZE = [{"text": "What light through yonder window breaks"}, {"text": "To be or not to be, that is the question"},
-               {"text": "Now is the winter of our discontent"}]
-
-
 @pytest.fixture(scope="module")
 def train_tasks(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("train-tasks")
@@ -324,14 +313,6 @@ def eval_overrides(tasks: list[Path], *extra: str) -> list[str]:
             "callbacks.eval.limit=null", "callbacks.eval.every_n_validations=2", "callbacks.eval.batch_size=2",
             "trainer.val_check_interval=1", "logger=[tensorboard,csv]", "~callbacks.attention_maps",
             "~callbacks.text_sample", *extra]
-
-
-def native(ckpt: Path, tasks: list[Path]) -> dict[str, dict]:
-    """Each task's metrics for a checkpoint, scored in this one process."""
-    from gptlab.loading import load_model
-
-    model, tok = load_model(ckpt)
-    return {p.stem: evaluate_task(model, tok, load_task(str(p)), batch_size=3) for p in tasks}
 
 
 def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, data_dir, train_tasks):
