@@ -84,9 +84,10 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed(fn, device: torch.device, repeats: int):
+def timed(fn, device: torch.device, repeats: int, warm_up: bool = True):
     """(median seconds, the last result, peak memory bytes) of `fn()` over `repeats` runs after a warm-up."""
-    fn()
+    if warm_up:
+        fn()
     seconds, result, peak = [], None, 0
     for _ in range(repeats):
         with PeakMemory(device) as mem:
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.inference_mode():
         native_s, native, native_mem = timed(lambda: score_task(model, tokenizer, task, args.batch_size), device,
-                                             args.repeats)
+                                             args.repeats, not args.tiny)
     harness_s, harness, harness_mem = timed(lambda: hf.loglikelihood(requests, disable_tqdm=True), device,
-                                            args.repeats)
+                                            args.repeats, not args.tiny)
     ours = [s[0] for item_scores in native for s in item_scores]
     diff = max(abs(a - b[0]) for a, b in zip(ours, harness))
     n = len(task.items)

@@ -354,3 +354,24 @@ def test_bench_tiny_runs_both_scorers_and_they_agree(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval.json").read_text())["items"] == result["items"] == 8
     assert result["continuations"] == 32 and result["max_abs_ll_diff"] < 1e-4
     assert result["native"]["items_per_s"] > 0 and result["harness"]["items_per_s"] > 0
+
+
+def test_command_runs_harness_tasks_through_the_adapter(tmp_path, task_dir, capsys):
+    """harness_tasks=[...] with a task config of one's own: the adapter's numbers are the native ones."""
+    pytest.importorskip("lm_eval")
+    from gptlab.eval.cli import evaluate
+
+    ckpt = char_checkpoint(tmp_path / "char.ckpt")
+    include = harness_configs(tmp_path, {"hellaswag": task_dir / "eval" / "hellaswag_val.jsonl",
+                                         "lambada": task_dir / "eval" / "lambada_test.jsonl",
+                                         "choice": task_dir / "choice.jsonl"})
+    record = evaluate(eval_config([f"ckpt_path={ckpt}", f"tasks=[{task_dir / 'choice.jsonl'}]", "device=cpu",
+                                   "harness_tasks=[t_choice,t_lambada]", f"harness_include=[{include}]"]), None)
+    results = record["results"]
+    assert results["t_choice"]["acc"]["value"] == results["choice"]["acc"]["value"]
+    assert results["t_choice"]["acc_norm"]["value"] == results["choice"]["acc_norm"]["value"]
+    assert results["t_choice"]["acc"]["items"] == 2
+    native_lambada = evaluate_task(*__import__("gptlab.loading").loading.load_model(ckpt),
+                                   load_task(str(task_dir / "eval" / "lambada_test.jsonl")))
+    assert results["t_lambada"]["perplexity"]["value"] == pytest.approx(native_lambada["perplexity"]["value"], rel=1e-5)
+    assert "t_lambada" in capsys.readouterr().out

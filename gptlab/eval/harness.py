@@ -153,7 +153,10 @@ def run_harness(model, tokenizer, tasks: list[str], limit: int | None, num_fewsh
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include or None)
+    # the harness's own index of its thousands of task configs takes long to build: only when needed
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown harness task(s) {unknown}; `lm_eval ls tasks` lists the harness's tasks "
