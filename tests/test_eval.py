@@ -375,3 +375,15 @@ def test_command_runs_harness_tasks_through_the_adapter(tmp_path, task_dir, caps
                                    load_task(str(task_dir / "eval" / "lambada_test.jsonl")))
     assert results["t_lambada"]["perplexity"]["value"] == pytest.approx(native_lambada["perplexity"]["value"], rel=1e-5)
     assert "t_lambada" in capsys.readouterr().out
+
+
+def test_callback_stops_a_run_with_unscorable_items_before_it_trains(tmp_path, data_dir, train_tasks):
+    from gptlab.errors import user_error
+    from inprocess import run_train
+
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"context": "ROMEO:", "choices": ["caf\u00e9", "tea"], "label": 0}])
+    run = tmp_path / "run"
+    with pytest.raises(Exception) as failed:
+        run_train(eval_overrides([odd, train_tasks[1]], "trainer.max_steps=2"), run)
+    assert "outside this model's vocabulary" in str(user_error(failed.value))
+    assert not (run / "checkpoints").exists()

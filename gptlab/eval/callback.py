@@ -18,7 +18,8 @@ import torch
 
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import ConfigError
-from gptlab.eval.metrics import Scores, evaluate_task
+from gptlab.eval.metrics import Scores, evaluate_task, requests_for
+from gptlab.eval.scoring import check
 from gptlab.eval.tasks import Task, load_task
 
 
@@ -59,6 +60,14 @@ class DownstreamEval(L.Callback):
         self.every = every_n_validations
         self.batch_size = batch_size
         self.validations = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Encode every item once before training: a text the tokenizer cannot take, or a choice longer
+        than the model's context, stops the run now (on every rank alike), not at the first evaluation."""
+        if pl_module.hparams.get("tokenizer"):
+            tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
+            for task in self.tasks:
+                check(requests_for(task, tokenizer), pl_module.model.config.block_size, task.name)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gptlab.eval.scoring import Request, encode_pair, encode_split, score
+from gptlab.eval.scoring import Request, check, encode_pair, encode_split, score
 from gptlab.eval.tasks import CHOICE, Task
 
 Scores = list[list[tuple[float, bool, int]]]  # per item, per continuation: (ll, greedy, tokens)
@@ -41,6 +41,7 @@ def requests_for(task: Task, tokenizer) -> list[Request]:
 def score_task(model, tokenizer, task: Task, batch_size: int = 16, indices: list[int] | None = None) -> Scores:
     """The scores of the task's items (those at `indices`: a rank's share under DDP)."""
     requests = requests_for(task, tokenizer)
+    check(requests, model.config.block_size, task.name)
     if indices is not None:
         requests = [requests[i] for i in indices]
     return score(model, requests, batch_size)

@@ -77,14 +77,21 @@ class _Group:
         return ids, pos, seg
 
 
-def _groups(requests: list[Request], block: int) -> list[_Group]:
-    groups = []
+def check(requests: list[Request], block: int, task: str = "the task") -> None:
+    """DataError for a continuation the model cannot score: no tokens, or more than block_size of them.
+    (Under DDP every rank checks all items, before taking its share: all ranks stop together.)"""
     for r, req in enumerate(requests):
         for i, cont in enumerate(req.continuations):
             if not cont:
-                raise DataError(f"item {r}: continuation {i} encodes to no tokens")
+                raise DataError(f"{task}, item {r}: choice {i} encodes to no tokens")
             if len(cont) > block:
-                raise DataError(f"item {r}: continuation {i} has {len(cont)} tokens, more than block_size={block}")
+                raise DataError(f"{task}, item {r}: choice {i} has {len(cont)} tokens, more than block_size={block}")
+
+
+def _groups(requests: list[Request], block: int) -> list[_Group]:
+    check(requests, block)
+    groups = []
+    for r, req in enumerate(requests):
         longest = max(len(c) for c in req.continuations)
         if len(req.context) + longest <= block + 1:
             groups.append(_Group(r, req.context, list(range(len(req.continuations))), req.continuations))
