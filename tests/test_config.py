@@ -88,7 +88,7 @@ def test_hydra_launcher_and_sweeper_options_compose():
     assert sweeper._target_ == "hydra_plugins.gptlab_sweeper.study_sweeper.StudySweeper"
     assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db?timeout=60"
     assert cfg.hydra.sweep.dir.endswith("/train/optuna/gptlab")  # one directory per study: re-runs find it
-    assert sweeper.direction == "minimize" and sweeper.n_trials == 20
+    assert sweeper.direction is None and sweeper.n_trials == 20  # null: optimized_metric decides
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == cfg.seed
     assert set(sweeper.params) == {"optim.lr", "model.n_layer", "model.n_embd", "model.dropout"}
     assert cfg.optimized_metric == "val/loss"

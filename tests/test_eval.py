@@ -322,8 +322,8 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     from inprocess import run_train
 
     run = tmp_path / "run"
-    first = run_train(eval_overrides(train_tasks, "trainer.max_steps=4", "optimized_metric=eval/lines/acc_norm"), run)
-    assert first in (0.0, 1 / 3, 2 / 3, 1.0)
+    value = run_train(eval_overrides(train_tasks, "trainer.max_steps=4", "optimized_metric=eval/lines/acc_norm"), run)
+    assert value in (0.0, 1 / 3, 2 / 3, 1.0)
     run_train(eval_overrides(train_tasks, "trainer.max_steps=8", "resume=auto"), run)
     scalars = read_scalars(run / "tensorboard")
     # every second validation (steps 2, 4, 6, 8; TensorBoard's axis counts from 0): none repeated, none lost
@@ -337,6 +337,22 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     final = native(run / "checkpoints" / "last.ckpt", train_tasks)
     assert scalars["eval/words/perplexity"][-1][1] == pytest.approx(final["words"]["perplexity"]["value"], rel=1e-5)
     assert scalars["eval/lines/acc_norm"][-1][1] == final["lines"]["acc_norm"]["value"]
+    # the report shows the optimised eval metric as a column, read from the run's curves
+    from gptlab.report import build_report
+    from gptlab.run.naming import direction
+
+    from omegaconf import OmegaConf
+
+    from inprocess import compose_config
+
+    # what Hydra writes at a run's start (the in-process runner does not)
+    first = eval_overrides(train_tasks, "trainer.max_steps=4", "optimized_metric=eval/lines/acc_norm")
+    (run / ".hydra").mkdir()
+    OmegaConf.save(compose_config(first), run / ".hydra" / "config.yaml")
+    report = build_report(run, write=False)
+    assert report.jobs[0].metric == "eval/lines/acc_norm" and direction(report.jobs[0].metric) == "maximize"
+    assert "eval/lines/acc_norm" in report.table.splitlines()[0]
+    assert report.jobs[0].value == scalars["eval/lines/acc_norm"][-1][1]
 
 
 def test_bench_tiny_runs_both_scorers_and_they_agree(tmp_path, monkeypatch):

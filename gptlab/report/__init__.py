@@ -22,7 +22,7 @@ from gptlab.errors import GptlabError
 from gptlab.files import atomic_write
 from gptlab.report.collect import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
                                 read_job, sort_jobs)
-from gptlab.run.naming import sweep_name
+from gptlab.run.naming import direction, sweep_name
 from gptlab.report.study import load_study, plot_study, sweep_settings
 from gptlab.report.write import markdown, plot_val_loss, text_table, write_csv
 
@@ -48,7 +48,7 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
     jobs = [read_job(run) for run in group_runs(group)]
     name_jobs(jobs)
     sweeper, _, _ = sweep_settings(group, [j.path for j in jobs])
-    jobs = sort_jobs(jobs, str(sweeper.get("direction") or "minimize"))
+    jobs = sort_jobs(jobs, str(sweeper.get("direction") or direction(jobs[0].metric if jobs else None)))
     rep = Report(group, jobs)
     if not write:
         return rep

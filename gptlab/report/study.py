@@ -19,6 +19,7 @@ from gptlab.compat import distribution_holds
 from gptlab.files import atomic_write
 from gptlab.report.collect import Job, natural
 from gptlab.run.job import read_yaml
+from gptlab.run.naming import direction
 
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 
@@ -102,8 +103,8 @@ def _rebuild(sweeper: dict[str, Any], launch: list[str], jobs: list[Job]):
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
-        study = optuna.create_study(direction=str(sweeper.get("direction") or "minimize"),
-                                    study_name=sweeper.get("study_name"))
+        way = sweeper.get("direction") or direction(jobs[0].metric if jobs else None)
+        study = optuna.create_study(direction=str(way), study_name=sweeper.get("study_name"))
     finally:
         optuna.logging.set_verbosity(verbosity)
     states = {"finished": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED}

@@ -16,6 +16,13 @@ from gptlab.run.job import multirun, read_yaml
 NOISE = ("hydra", "paths", "log_dir", "data_dir", "ckpt_path", "resume", "logger", "callbacks", "data.path")
 
 
+def direction(metric: str | None) -> str:
+    """Which way a sweep optimises `metric`: `maximize` for a downstream accuracy (eval/<task>/acc,
+    eval/<task>/acc_norm), `minimize` for everything else (losses, perplexities)."""
+    name = str(metric or "")
+    return "maximize" if name.startswith("eval/") and name.rsplit("/", 1)[-1].startswith("acc") else "minimize"
+
+
 def is_noise(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("~+")
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)

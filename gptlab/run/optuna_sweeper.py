@@ -38,6 +38,7 @@ from gptlab.errors import ConfigError, GptlabError
 from gptlab.files import owner_gone, owner_tag
 from gptlab.run import optuna_space, pruning
 from gptlab.run.job import read_marker
+from gptlab.run.naming import direction
 
 log = logging.getLogger(__name__)
 OWNER = "gptlab_owner"
@@ -72,7 +73,9 @@ class StudySweeperImpl:
                  custom_search_space: Any = None, trial: Any = None) -> None:
         self.sampler_cfg = _plain(sampler)
         directions = _plain(direction)
-        self.directions = [str(d) for d in (directions if isinstance(directions, list) else [directions])]
+        # None (direction: null): the optimized metric's own, known at setup
+        self.directions = None if directions is None else [
+            str(d) for d in (directions if isinstance(directions, list) else [directions])]
         self.storage = storage
         self.study_name = study_name
         self.n_trials = n_trials
@@ -83,6 +86,8 @@ class StudySweeperImpl:
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
+        if self.directions is None:  # accuracies up, losses down
+            self.directions = [direction(OmegaConf.select(config, "optimized_metric"))]
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
