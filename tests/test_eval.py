@@ -19,6 +19,7 @@ from gptlab.eval.metrics import evaluate_task, item_metrics
 from gptlab.models import build_model
 
 from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl  # noqa: F401
+from test_data import http_server  # noqa: F401  (a local HTTP server for the download test)
 
 pytest.importorskip("transformers")
 
@@ -403,3 +404,28 @@ def test_callback_stops_a_run_with_unscorable_items_before_it_trains(tmp_path, d
         run_train(eval_overrides([odd, train_tasks[1]], "trainer.max_steps=2"), run)
     assert "outside this model's vocabulary" in str(user_error(failed.value))
     assert not (run / "checkpoints").exists()
+
+
+def test_builtin_task_file_is_downloaded_once_and_checked(http_server, tmp_path, monkeypatch):
+    from gptlab.eval.tasks import BUILTIN, Source
+    from gptlab.files import sha256_file
+
+    root, base = http_server
+    served = write_jsonl(root / "lambada_test.jsonl", LAMBADA)
+    official = Source(f"{base}/lambada_test.jsonl", "lambada_test.jsonl", "lambada", sha256_file(served))
+    monkeypatch.setitem(BUILTIN, "lambada", official)
+    data = tmp_path / "data"
+    assert len(load_task("lambada", data_dir=data).items) == 3
+    assert sha256_file(data / "eval" / "lambada_test.jsonl") == official.sha256
+    served.unlink()  # the second use reads the local copy
+    assert len(load_task("lambada", data_dir=data).items) == 3
+    write_jsonl(served, LAMBADA[:2])  # a file that is not the pinned one
+    monkeypatch.setitem(BUILTIN, "lambada", official)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_task("lambada", data_dir=tmp_path / "other")
+    assert not (tmp_path / "other" / "eval" / "lambada_test.jsonl").exists()
+    # unreachable: one line with the URL to fetch and where to put the file
+    monkeypatch.setitem(BUILTIN, "lambada", Source("http://127.0.0.1:9/lambada_test.jsonl", official.file, "lambada"))
+    with pytest.raises(DataError, match=r"could not download http://127.0.0.1:9/lambada_test.jsonl .*offline, download "
+                                        r"http://127.0.0.1:9/lambada_test.jsonl and put it at .*other/eval/lambada_test.jsonl"):
+        load_task("lambada", data_dir=tmp_path / "other")
