@@ -117,7 +117,7 @@ def run_harness(lm, include: Path) -> dict:
 
 @pytest.fixture(scope="module", params=["gpt2-bpe", "llama-gqa-trained-bpe"])
 def exported(request, tmp_path_factory, task_dir):
-    """(model, tokenizer, files, harness config dir, the harness `hf` model's output on the export)."""
+    """(model, tokenizer, files, harness config dir, the harness `hf` model's output, the export)."""
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
@@ -134,11 +134,11 @@ def exported(request, tmp_path_factory, task_dir):
              "choice": task_dir / "choice.jsonl"}
     include = harness_configs(d, files)
     hf = HFLM(pretrained=str(d / "hf"), batch_size=4, device="cpu", dtype="float32")
-    return model, tok, files, include, run_harness(hf, include)
+    return model, tok, files, include, run_harness(hf, include), d / "hf"
 
 
 def test_native_scores_equal_the_harness_hf_model(exported):
-    model, tok, files, _, harness = exported
+    model, tok, files, _, harness, _ = exported
     for harness_task, ours in HARNESS_TASKS.items():
         task = load_task(str(files[ours]))
         scores = score_task(model, tok, task, batch_size=2)
@@ -164,7 +164,7 @@ def test_native_scores_equal_the_harness_hf_model(exported):
 def test_adapter_equals_the_harness_hf_model(exported):
     from gptlab.eval.harness import lm_class
 
-    model, tok, _, include, harness = exported
+    model, tok, _, include, harness, _ = exported
     ours = run_harness(lm_class()(model, tok, batch_size=3), include)
     for task in HARNESS_TASKS:
         for sample, theirs in zip(sorted(ours["samples"][task], key=lambda s: s["doc_id"]),
@@ -429,3 +429,21 @@ def test_builtin_task_file_is_downloaded_once_and_checked(http_server, tmp_path,
     with pytest.raises(DataError, match=r"could not download http://127.0.0.1:9/lambada_test.jsonl .*offline, download "
                                         r"http://127.0.0.1:9/lambada_test.jsonl and put it at .*other/eval/lambada_test.jsonl"):
         load_task("lambada", data_dir=tmp_path / "other")
+
+
+def test_adapter_rolling_and_generation_equal_the_harness_hf_model(exported):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from gptlab.eval.harness import lm_class
+
+    model, tok, _, _, _, hf_dir = exported
+    ours = lm_class()(model, tok, batch_size=2)
+    text = " ".join(r["text"] for r in LAMBADA)  # longer than block_size: several rolling windows
+    assert len(tok.encode(text)) > model.config.block_size
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    prompts = [Instance("generate_until", {}, (r["text"], {"until": ["."], "max_gen_toks": 6}), i)
+               for i, r in enumerate(LAMBADA[:2])]
+    hf = HFLM(pretrained=str(hf_dir), batch_size=2, device="cpu", dtype="float32")
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), abs=1e-3)
+    assert ours.generate_until(prompts) == hf.generate_until(prompts)
