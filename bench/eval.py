@@ -4,10 +4,11 @@ same machine, in one run. Goal: native items/s >= 1.5x the harness's (stretch 2x
 
 Both score every (context, " " + choice) pair of the items and must agree (max |difference| of the
 log-likelihoods is reported). The harness runs its own `loglikelihood` (its tokenization, sorting and
-batching, `batch_size` sequences per forward); gptlab packs each item's context and choices into one
-sequence (`batch_size` items per forward). Memory: the peak CUDA memory allocated while scoring on a
-GPU; on a CPU the peak resident memory above what the process held before scoring (sampled every
-5 ms), and the weights' bytes of each model.
+batching, `--batch-size` sequences per forward); gptlab packs each item's context and choices into one
+sequence (`--native-batch-size` items per forward, by default `--batch-size`; the output head runs
+only where a continuation token is predicted, so it holds less than the harness's logits). Memory:
+the peak CUDA memory allocated while scoring on a GPU; on a CPU the peak resident memory above what
+the process held before scoring (sampled every 5 ms); and the weights' bytes of each model.
 
 Items: --task hellaswag (the official file, in $GPTLAB_DATA_DIR/eval/), the path of a task file, or by
 default made-up HellaSwag-shaped items (a ~60-token context and four ~25-token endings).
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default=None, help="hellaswag, lambada or a .jsonl task file (default: made-up items)")
     p.add_argument("--items", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="items per forward (native), sequences (harness)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward of the harness")
+    p.add_argument("--native-batch-size", type=int, default=None,
+                   help="items per forward of the native scorer (default: --batch-size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=3)
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.tiny:
         args.items, args.n_layer, args.n_embd, args.n_head, args.repeats, args.batch_size = 8, 1, 16, 2, 1, 4
+    native_batch = args.native_batch_size or args.batch_size
 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
     with torch.inference_mode():
-        native_s, native, native_mem = timed(lambda: score_task(model, tokenizer, task, args.batch_size), device,
+        native_s, native, native_mem = timed(lambda: score_task(model, tokenizer, task, native_batch), device,
                                              args.repeats, not args.tiny)
     harness_s, harness, harness_mem = timed(lambda: hf.loglikelihood(requests, disable_tqdm=True), device,
                                             args.repeats, not args.tiny)

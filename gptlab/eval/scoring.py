@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptlab.errors import DataError
 from gptlab.models.gpt import GPT
@@ -159,10 +158,11 @@ def _targets(chunk: list[_Group], T: int) -> tuple[list[int], list[int], list[tu
 
 
 def _collect(logits: torch.Tensor, targets: list[int], spans, chunk: list[_Group]):
-    logp = F.log_softmax(logits.float(), dim=-1)
+    # log_softmax at the targets only (no second vocabulary-wide tensor); argmax of the logits is greedy
+    logits = logits.float()
     tgt = torch.tensor(targets, device=logits.device)
-    token_lp = logp.gather(1, tgt[:, None])[:, 0].tolist()
-    greedy = (logp.argmax(dim=-1) == tgt).tolist()
+    token_lp = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+    greedy = (logits.argmax(dim=-1) == tgt).tolist()
     results: list[list[tuple[float, bool, int]]] = [[] for _ in chunk]
     for b, s, n in spans:
         results[b].append((sum(token_lp[s:s + n]), all(greedy[s:s + n]), n))
