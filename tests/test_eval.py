@@ -447,3 +447,18 @@ def test_adapter_rolling_and_generation_equal_the_harness_hf_model(exported):
     hf = HFLM(pretrained=str(hf_dir), batch_size=2, device="cpu", dtype="float32")
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), abs=1e-3)
     assert ours.generate_until(prompts) == hf.generate_until(prompts)
+
+
+def test_word_model_scores_whole_words(task_dir):
+    from gptlab.data.tokenizers import WordTokenizer
+    from gptlab.eval.metrics import requests_for
+
+    text = " ".join(json.dumps(r) for r in CHOICE + LAMBADA)
+    tok = WordTokenizer(WordTokenizer.split(text))
+    model = random_model(dict(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16), 4)
+    task = load_task(str(task_dir / "choice.jsonl"))
+    first = requests_for(task, tok)[0]
+    assert first.context == tok.encode("The sky is") and first.continuations[0] == tok.encode("blue.")
+    cloze = evaluate_task(model, tok, load_task(str(task_dir / "eval" / "lambada_test.jsonl")))
+    assert cloze["acc"]["items"] == 3 and 1 < cloze["perplexity"]["value"] < float("inf")
+    assert set(evaluate_task(model, tok, task)) == {"acc", "acc_norm"}
