@@ -64,6 +64,10 @@ class DownstreamEval(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Encode every item once before training: a text the tokenizer cannot take, or a choice longer
         than the model's context, stops the run now (on every rank alike), not at the first evaluation."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):  # the scorer calls the model's blocks one by one
+            raise ConfigError("callbacks=eval needs the whole model on each device: use DDP (trainer=ddp), not FSDP")
         if pl_module.hparams.get("tokenizer"):
             tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
             for task in self.tasks:
