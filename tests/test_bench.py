@@ -60,6 +60,12 @@ def check_loader(result, out):
     assert set(result["memory_mb"]) == {1, 3} and "of a step" in out
 
 
+def check_eval(result, out):
+    # gptlab's packed scoring and the harness's hf model score the same continuations alike
+    assert result["items"] == 8 and result["continuations"] == 32 and result["max_abs_ll_diff"] < 1e-4
+    assert result["native"]["items_per_s"] > 0 and result["harness"]["items_per_s"] > 0
+
+
 def check_gpu(result, out):
     if torch.cuda.is_available():
         assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0

@@ -356,23 +356,6 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     assert report.jobs[0].value == scalars["eval/lines/acc_norm"][-1][1]
 
 
-def test_bench_tiny_runs_both_scorers_and_they_agree(tmp_path, monkeypatch):
-    import importlib.util
-    import sys
-
-    pytest.importorskip("lm_eval")
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("bench_eval", bench / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_eval", module)
-    spec.loader.exec_module(module)
-    result = module.main(["--tiny", "--out", str(tmp_path / "eval.json")])
-    assert json.loads((tmp_path / "eval.json").read_text())["items"] == result["items"] == 8
-    assert result["continuations"] == 32 and result["max_abs_ll_diff"] < 1e-4
-    assert result["native"]["items_per_s"] > 0 and result["harness"]["items_per_s"] > 0
-
-
 def test_command_runs_harness_tasks_through_the_adapter(tmp_path, task_dir, capsys):
     """harness_tasks=[...] with a task config of one's own: the adapter's numbers are the native ones."""
     pytest.importorskip("lm_eval")
