@@ -350,10 +350,12 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     first = eval_overrides(train_tasks, "trainer.max_steps=4", "optimized_metric=eval/lines/acc_norm")
     (run / ".hydra").mkdir()
     OmegaConf.save(compose_config(first), run / ".hydra" / "config.yaml")
-    report = build_report(run, write=False)
+    report = build_report(run)
     assert report.jobs[0].metric == "eval/lines/acc_norm" and direction(report.jobs[0].metric) == "maximize"
     assert "eval/lines/acc_norm" in report.table.splitlines()[0]
     assert report.jobs[0].value == scalars["eval/lines/acc_norm"][-1][1]
+    assert report.jobs[0].metric_curve == [(s + 1, v) for s, v in scalars["eval/lines/acc_norm"]]
+    assert (run / "eval_lines_acc_norm.png") in report.files and (run / "eval_lines_acc_norm.png").stat().st_size > 0
 
 
 def test_command_runs_harness_tasks_through_the_adapter(tmp_path, task_dir, capsys):

@@ -57,6 +57,11 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
         images.append(group / "val_loss.png")
     else:
         rep.notes.append("no val/loss logged yet: no val_loss.png")
+    metric = jobs[0].metric if jobs else "val/loss"
+    if metric != "val/loss":  # an optimised metric of its own (e.g. eval/hellaswag/acc_norm): its curve too
+        picture = group / (metric.replace("/", "_") + ".png")
+        if plot_val_loss(picture, jobs, f"{len(jobs)} jobs of {group.name}", metric):
+            images.append(picture)
     study, notes = load_study(group, jobs)
     rep.notes += notes
     if study is not None:

@@ -148,6 +148,7 @@ class Job:
     val_curve: Curve = field(default_factory=list)  # val/loss by optimizer step
     sources: dict[str, float] = field(default_factory=dict)  # a mixture's final val/loss/<source>
     name: str = ""
+    metric_curve: Curve = field(default_factory=list)  # the optimised metric by optimizer step
 
     @property
     def best_val(self) -> float | None:
@@ -182,6 +183,7 @@ def read_job(run: Path) -> Job:
         seconds=done.get("seconds") if done.get("seconds") is not None else _seconds(run),
         val_curve=[(s + 1, v) for s, v in curves.get("val/loss", [])],
         sources={tag: c[-1][1] for tag, c in curves.items() if tag.startswith("val/loss/") and c},
+        metric_curve=[(s + 1, v) for s, v in curves.get(metric, [])],
     )
 
 

@@ -115,23 +115,25 @@ def write_csv(path: Path, jobs: list[Job]) -> None:
         f.write(buffer.getvalue())
 
 
-def plot_val_loss(path: Path, jobs: list[Job], title: str) -> bool:
-    """Every job's validation curve on one plot; False (nothing written) while none has one."""
+def plot_val_loss(path: Path, jobs: list[Job], title: str, metric: str = "val/loss") -> bool:
+    """Every job's validation curve (or the curve of its optimised `metric`) on one plot; False
+    (nothing written) while none has one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    curves = [j for j in jobs if j.val_curve]
+    curve_of = (lambda j: j.val_curve) if metric == "val/loss" else (lambda j: j.metric_curve)
+    curves = [j for j in jobs if curve_of(j)]
     if not curves:
         return False
     fig = Figure(figsize=(8, 5), dpi=90)
     FigureCanvasAgg(fig)  # a figure of its own, without pyplot's global state or GUI backends
     ax = fig.add_subplot()
     for job in curves:
-        steps, values = zip(*job.val_curve)
+        steps, values = zip(*curve_of(job))
         label = shorten(job.name, LABEL_WIDTH) + (f" ({job.status})" if job.status != "finished" else "")
         ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, markersize=3, label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("val/loss")
+    ax.set_ylabel(metric)
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=1 if len(curves) <= 12 else 2)
