@@ -330,6 +330,11 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     # every second validation (steps 2, 4, 6, 8; TensorBoard's axis counts from 0): none repeated, none lost
     for tag in ("eval/lines/acc", "eval/lines/acc_norm", "eval/words/acc", "eval/words/perplexity"):
         assert [s for s, _ in scalars[tag]] == [1, 3, 5, 7], tag
+    # TensorBoard's HPARAMS tab has a column per task and metric
+    from test_precision import hparams_plugin
+
+    assert {"hp/eval/lines/acc_norm", "hp/eval/words/perplexity"} <= set(hparams_plugin(run / "tensorboard")["metrics"])
+    assert scalars["hp/eval/lines/acc_norm"][-1] == scalars["eval/lines/acc_norm"][-1]
     rows = pd.read_csv(run / "csv" / "metrics.csv")
     logged = rows.dropna(subset=["eval/words/perplexity"])
     assert logged["step"].tolist() == [1, 3, 5, 7]

@@ -2,7 +2,8 @@
 
 Every `every_n_validations`-th validation, the first `limit` items of each task (the same items each
 time) are scored with the model as it is, and `eval/<task>/<metric>` is logged like val/loss: to every
-tracker, to the checkpoint's metrics, and for `optimized_metric=eval/hellaswag/acc_norm`. Under DDP
+tracker, to the checkpoint's metrics, and for `optimized_metric=eval/hellaswag/acc_norm` (and as
+`hp/eval/<task>/<metric>`, a column of TensorBoard's HPARAMS tab). Under DDP
 each rank scores every world_size-th item and the scores are gathered into item order, so the numbers
 are one process's. The count of validations travels in the checkpoint: a resumed run evaluates at the
 validations the uninterrupted run would have, and its earlier points stay where they were logged.
@@ -18,7 +19,7 @@ import torch
 
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import ConfigError
-from gptlab.eval.metrics import Scores, evaluate_task, requests_for
+from gptlab.eval.metrics import NAMES, Scores, evaluate_task, requests_for
 from gptlab.eval.scoring import check
 from gptlab.eval.tasks import Task, load_task
 
@@ -85,8 +86,13 @@ class DownstreamEval(L.Callback):
             for task in self.tasks:
                 metrics = evaluate_task(pl_module.model, tokenizer, task, self.batch_size, split)
                 for name, m in metrics.items():
-                    # the same value on every rank (gathered): no reduction
-                    pl_module.log(f"eval/{task.name}/{name}", float(m["value"]), sync_dist=False)
+                    # the same value on every rank (gathered): no reduction; hp/ for TensorBoard's HPARAMS tab
+                    for tag in (f"eval/{task.name}/{name}", f"hp/eval/{task.name}/{name}"):
+                        pl_module.log(tag, float(m["value"]), sync_dist=False)
+
+    def hparam_metrics(self) -> list[str]:
+        """The hp/ tags this callback logs, declared with the hyperparameters (gptlab.run.fit)."""
+        return [f"hp/eval/{task.name}/{name}" for task in self.tasks for name in NAMES[task.kind]]
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import numpy as np
 
 from gptlab.eval.scoring import Request, check, encode_pair, encode_split, score
-from gptlab.eval.tasks import CHOICE, Task
+from gptlab.eval.tasks import CHOICE, CLOZE, Task
 
-Scores = list[list[tuple[float, bool, int]]]  # per item, per continuation: (ll, greedy, tokens)
+Scores = list[list[tuple[float, bool, int]]]
+NAMES = {CHOICE: ("acc", "acc_norm"), CLOZE: ("acc", "perplexity")}  # the metrics of each kind of task  # per item, per continuation: (ll, greedy, tokens)
 
 
 def requests_for(task: Task, tokenizer) -> list[Request]:

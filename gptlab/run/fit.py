@@ -119,7 +119,9 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     if trainer.strategy.root_device.type == "cuda":
         # TF32 tensor cores for float32 matmuls (what mixed precision leaves in float32); CPU runs are untouched
         torch.set_float32_matmul_precision("high")
-    trackers.log_hyperparams(trainer.loggers, cfg)  # not `loggers`: fast_dev_run swaps in a no-op logger
+    # not `loggers`: fast_dev_run swaps in a no-op logger; callbacks may declare hp/ metrics (callbacks=eval)
+    hp = [m for c in trainer.callbacks for m in (c.hparam_metrics() if hasattr(c, "hparam_metrics") else [])]
+    trackers.log_hyperparams(trainer.loggers, cfg, hp)
     if trainer.is_global_zero:
         n = module.model.num_params()
         print(f"[gptlab] {cfg.model.get('arch', 'gpt')} with {n:,} parameters; run dir {run_dir}")

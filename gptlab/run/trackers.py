@@ -94,9 +94,10 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def log_hyperparams(loggers: list[Logger], cfg: DictConfig) -> None:
+def log_hyperparams(loggers: list[Logger], cfg: DictConfig, metrics: list[str] = ()) -> None:
     """Hyperparameters reach each tracker in its own way, those that vary across a sweep first (the
-    order of TensorBoard's HPARAMS columns). Pass `trainer.loggers` (fast_dev_run swaps in a no-op logger)."""
+    order of TensorBoard's HPARAMS columns). Pass `trainer.loggers` (fast_dev_run swaps in a no-op logger);
+    `metrics`: more hp/ metrics of the HPARAMS tab, which callbacks log later."""
     params = flat_hparams(cfg)
     first = [k for k in varied_keys(cfg) if k in params]
     params = {**{k: params[k] for k in first}, **params}
@@ -104,7 +105,8 @@ def log_hyperparams(loggers: list[Logger], cfg: DictConfig) -> None:
         if isinstance(logger, TensorBoardLogger):
             # the HPARAMS tab lists a run only with a metric; LanguageModel logs hp/best_val_loss later
             named = {**{k: params[k] for k in first}, "run": run_name(cfg), **params}
-            logger.log_hyperparams(named, {"hp/best_val_loss": float("nan")})
+            declared = {"hp/best_val_loss": float("nan"), **{m: float("nan") for m in metrics}}
+            logger.log_hyperparams(named, declared)
         elif isinstance(logger, MLFlowLogger) and logger.run_id:  # run_id: None on ranks other than 0
             _log_mlflow_params(logger, params)
         else:  # W&B, CSV and others take no metrics here
