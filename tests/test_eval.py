@@ -316,7 +316,7 @@ def eval_overrides(tasks: list[Path], *extra: str) -> list[str]:
             "~callbacks.text_sample", *extra]
 
 
-def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, data_dir, train_tasks):
+def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, data_dir, train_tasks, capsys):
     import pandas as pd
 
     from conftest import read_scalars
@@ -327,6 +327,9 @@ def test_callback_logs_to_every_tracker_and_a_resume_keeps_its_points(tmp_path, 
     assert value in (0.0, 1 / 3, 2 / 3, 1.0)
     run_train(eval_overrides(train_tasks, "trainer.max_steps=8", "resume=auto"), run)
     scalars = read_scalars(run / "tensorboard")
+    # one line before the end-of-run block: the last evaluation
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[gptlab] eval at step 8: lines acc "))
+    assert f"perplexity {scalars['eval/words/perplexity'][-1][1]:.4f}" in line
     # every second validation (steps 2, 4, 6, 8; TensorBoard's axis counts from 0): none repeated, none lost
     for tag in ("eval/lines/acc", "eval/lines/acc_norm", "eval/words/acc", "eval/words/perplexity"):
         assert [s for s, _ in scalars[tag]] == [1, 3, 5, 7], tag

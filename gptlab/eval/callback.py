@@ -61,6 +61,7 @@ class DownstreamEval(L.Callback):
         self.every = every_n_validations
         self.batch_size = batch_size
         self.validations = 0
+        self.last: tuple[int, dict[str, Any]] | None = None  # (step, task -> metrics) of the last evaluation
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Encode every item once before training: a text the tokenizer cannot take, or a choice longer
@@ -82,13 +83,23 @@ class DownstreamEval(L.Callback):
             return
         tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
         split = shard(trainer.global_rank, trainer.world_size)
+        self.last = (trainer.global_step, {})
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for task in self.tasks:
                 metrics = evaluate_task(pl_module.model, tokenizer, task, self.batch_size, split)
+                self.last[1][task.name] = metrics
                 for name, m in metrics.items():
                     # the same value on every rank (gathered): no reduction; hp/ for TensorBoard's HPARAMS tab
                     for tag in (f"eval/{task.name}/{name}", f"hp/eval/{task.name}/{name}"):
                         pl_module.log(tag, float(m["value"]), sync_dist=False)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One line before the end-of-run block: the last evaluation's numbers."""
+        if trainer.is_global_zero and self.last is not None:
+            step, results = self.last
+            text = "; ".join(f"{task} " + ", ".join(f"{name} {m['value']:.4f}" for name, m in metrics.items())
+                             for task, metrics in results.items())
+            print(f"[gptlab] eval at step {step}: {text}")
 
     def hparam_metrics(self) -> list[str]:
         """The hp/ tags this callback logs, declared with the hyperparameters (gptlab.run.fit)."""
