@@ -19,7 +19,6 @@ from gptlab.eval.metrics import evaluate_task, item_metrics
 from gptlab.models import build_model
 
 from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl  # noqa: F401
-from test_data import http_server  # noqa: F401  (a local HTTP server for the download test)
 
 pytest.importorskip("transformers")
 
