@@ -175,7 +175,7 @@ def test_bad_settings_are_one_line_errors(override, needle):
 
 def test_diverging_run_stops_with_the_non_finite_error(tmp_path, data_dir):
     # AdamW at optim.lr=60 without warmup diverges: NonFiniteLossError (train.py: one `Error:` line, exit 1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \((nan|inf)\) at step \d+; stopping"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (training loss|gradient norm) \((nan|inf)\) at step \d+; stopping"):
         run_train(args("trainer.max_steps=30", "trainer.val_check_interval=10", "optim=adamw", "optim.lr=60",
                        "optim.warmup_steps=0"), tmp_path / "run")
 
@@ -194,3 +194,24 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     assert ranks[0]["final"] == ranks[1]["final"]
     done = json.loads((run_dir / "DONE").read_text())
     assert [(e["step"], e["action"]) for e in done["spikes"]] == [(8, "skip")]
+
+
+def test_overhead_bench_tiny_mode(tmp_path, data_dir):
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))  # its sibling _common
+    try:
+        spec = importlib.util.spec_from_file_location("bench_health", bench / "health.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # Hydra finds its StepTimer by this name
+        spec.loader.exec_module(module)
+        out = tmp_path / "health.json"
+        results = module.main(["--tiny", "--data", str(SHAKESPEARE), "--out", str(out)])
+    finally:
+        sys.path.remove(str(bench))
+    tiny = json.loads(out.read_text())["presets"]["tiny"]
+    assert tiny == results["presets"]["tiny"]
+    assert set(tiny["ms_per_step"]) == {"none", "default", "verbose"} and set(tiny["overhead_pct"]) == {"default", "verbose"}
+    assert all(v > 0 for v in tiny["ms_per_step"].values())

@@ -209,5 +209,6 @@ class TrainingHealth(L.Callback):
             for kind, value in (("weights", p), ("grads", p.grad)):
                 if value is not None:
                     for logger in loggers:
-                        logger.experiment.add_histogram(f"{kind}/{plain_name(name)}", value.detach().float().cpu(),
+                        tag = f"{kind}/{plain_name(name).removeprefix('model.')}"
+                        logger.experiment.add_histogram(tag, value.detach().float().cpu(),
                                                         global_step=trainer.global_step)

@@ -121,8 +121,10 @@ class SpikeGuard(L.Callback):
             raise LossSpikeError(f"{self.consecutive + 1} loss spikes in a row (the last at step {trainer.global_step}, "
                                  f"loss {_fmt(loss if finite else None)}); stopping after "
                                  f"callbacks.spikes.max_consecutive={self.max_consecutive}. {ADVICE}")
-        event = {"step": trainer.global_step, "kind": kind, "loss": loss if finite else None,
+        event = {"step": trainer.global_step, "kind": kind, "loss": loss if math.isfinite(loss) else None,
                  "grad_norm": norm if math.isfinite(norm) else None, "threshold": self.loss_stat.threshold(self.k)}
+        if not finite:
+            event["what"] = "training loss" if not math.isfinite(loss) else "gradient norm"
         if action == "rollback":
             target = self._rollback(trainer, pl_module, optimizer, trainer.global_step)
             action = "rollback" if target else "skip"
@@ -131,8 +133,10 @@ class SpikeGuard(L.Callback):
         self._record(trainer, event)
         if action == "stop":
             error = LossSpikeError if finite else NonFiniteLossError
-            raise error(f"{'loss spike' if finite else 'non-finite training loss'} ({_fmt(loss)}) at step "
-                        f"{trainer.global_step}; stopping. The last good checkpoint is intact; {ADVICE}")
+            what = "loss spike" if finite else f"non-finite {event['what']}"
+            value = norm if event.get("what") == "gradient norm" else loss
+            raise error(f"{what} ({_fmt(value)}) at step {trainer.global_step}; stopping. The last good checkpoint is "
+                        f"intact; {ADVICE}")
         if action == "warn":
             self.loss_stat.update(loss)
             self.grad_stat.update(norm)
@@ -182,7 +186,7 @@ class SpikeGuard(L.Callback):
         if event["kind"] == "spike":
             why = f"loss {_fmt(event['loss'])} > {_fmt(event['threshold'])}"
         else:
-            why = event["kind"] + (f" ({event['what']})" if "what" in event else " loss")
+            why = f"non-finite {event['what']}"
         print(f"[gptlab] spike at step {event['step']}: {why}; {what}", flush=True)
         self._unlogged = True  # train/spikes goes to the trackers at the end of this step
 
@@ -238,7 +242,7 @@ class SpikeGuard(L.Callback):
             return self._val_verdicts.get(step, True)
         event = {"step": step, "kind": "non-finite", "what": what, "loss": None, "grad_norm": None}
         target = None
-        if self.policy == "rollback":
+        if self.policy == "rollback" and trainer.state.fn == "fit":  # (trainer.validate() has no optimizer)
             target = self._rollback(trainer, pl_module, trainer.optimizers[0], step)
         event["action"], event["checkpoint"] = ("rollback" if target else "stop"), target
         self._record(trainer, event)
