@@ -64,7 +64,7 @@ class SpikeGuard(L.Callback):
         lr_scale: each rollback multiplies the learning rate (all groups, the whole schedule) by it.
     """
 
-    def __init__(self, policy: Policy = "warn", k: float = 6.0, warmup: int = 50, window: int = 100,
+    def __init__(self, policy: Policy = "warn", k: float = 6.0, warmup: int = 50, window: int = 30,
                  grad_norm_k: float | None = None, max_consecutive: int = 20, lr_scale: float = 1.0):
         self.policy, self.k, self.warmup, self.grad_norm_k = policy, k, warmup, grad_norm_k
         self.max_consecutive, self.lr_scale = max_consecutive, lr_scale
