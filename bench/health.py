@@ -26,7 +26,6 @@ import io
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import _common as C

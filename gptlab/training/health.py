@@ -141,13 +141,12 @@ class TrainingHealth(L.Callback):
 
     # -- every step: the gradient norm; sampled steps: norms and a snapshot for the update ratio --
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        norm = pl_module.grad_norm()
         self._steps += 1
-        if trainer.gradient_clip_val:
-            clipped = norm > trainer.gradient_clip_val
+        if trainer.gradient_clip_val:  # (clipping reuses the norm: no extra pass over the gradients)
+            clipped = pl_module.grad_norm() > trainer.gradient_clip_val
             self._clipped = clipped if self._clipped is None else self._clipped + clipped
         if logged_step(trainer, trainer.global_step + 1):
-            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, prog_bar=True)
+            pl_module.log("train/grad_norm", pl_module.grad_norm(), on_step=True, on_epoch=False, prog_bar=True)
         if self._histograms_due:
             self._histograms(trainer, pl_module)
         if not self._sampled(trainer):
