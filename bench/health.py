@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out at the start of each run")
     p.add_argument("--variants", default="none,default,verbose", help="comma-separated; `none` is the baseline")
-    p.add_argument("--data", default=str(C.SHAKESPEARE), help="the corpus (default: tiny Shakespeare)")
+    p.add_argument("--data", default=None, help="the corpus (default: tiny Shakespeare, see bench/README.md)")
     p.add_argument("--tiny", action="store_true", help="a smoke test in seconds: the tiny preset, 1 round")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/health.json)")
     args = p.parse_args(argv)
+    args.data = args.data or str(C.SHAKESPEARE)
     if args.tiny:
         args.preset, args.rounds = ["tiny"], 1
     args.variants = [v for v in args.variants.split(",") if v]

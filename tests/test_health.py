@@ -194,24 +194,3 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     assert ranks[0]["final"] == ranks[1]["final"]
     done = json.loads((run_dir / "DONE").read_text())
     assert [(e["step"], e["action"]) for e in done["spikes"]] == [(8, "skip")]
-
-
-def test_overhead_bench_tiny_mode(tmp_path, data_dir):
-    import importlib.util
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))  # its sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_health", bench / "health.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # Hydra finds its StepTimer by this name
-        spec.loader.exec_module(module)
-        out = tmp_path / "health.json"
-        results = module.main(["--tiny", "--data", str(SHAKESPEARE), "--out", str(out)])
-    finally:
-        sys.path.remove(str(bench))
-    tiny = json.loads(out.read_text())["presets"]["tiny"]
-    assert tiny == results["presets"]["tiny"]
-    assert set(tiny["ms_per_step"]) == {"none", "default", "verbose"} and set(tiny["overhead_pct"]) == {"default", "verbose"}
-    assert all(v > 0 for v in tiny["ms_per_step"].values())

@@ -48,7 +48,7 @@ class StepProgressBar(TQDMProgressBar):
 
     Where stdout is not a terminal (a log file, SLURM, a sweep's captured output) a redrawn bar would
     leave a trail of carriage returns, so it prints one plain line per validation instead:
-    `step 200/600  loss 1.912  val/loss 1.954  12.3k tok/s  0:41 elapsed  ETA 1:22`.
+    `step 200/600  loss 1.912  grad_norm 0.41  val/loss 1.954  12.3k tok/s  0:41 elapsed  ETA 1:22`.
 
     Args:
         refresh_rate: redraw the bar every N steps.
