@@ -165,7 +165,7 @@ def test_non_finite_validation_is_caught_before_the_text_sample(tmp_path, data_d
     ("callbacks.spikes.k=0", "callbacks.spikes.k=0: must be > 0.0"),
     ("callbacks.spikes.k=-1.5", "callbacks.spikes.k=-1.5: must be > 0.0"),
     ("callbacks.health.interval=0", "callbacks.health.interval=0: must be >= 1"),
-    ("callbacks.spikes.policy=retry", "callbacks.spikes.policy='retry': expected one of 'warn', 'skip', 'rollback', 'stop'"),
+    ("callbacks.spikes.policy=retry", "callbacks.spikes.policy='retry': choose one of warn, skip, rollback, stop"),
 ])
 def test_bad_settings_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as info:

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
 
 from gptlab.errors import LossSpikeError, NonFiniteLossError
+from gptlab.schema import Positive, Range, check_args
 
 Policy = Literal["warn", "skip", "rollback", "stop"]
+Above0 = Annotated[float, Range(0.0, low_open=True)]
+AtLeast0 = Annotated[int, Range(0)]
 ADVICE = "lower optim.lr, raise optim.warmup_steps or use trainer.precision=32-true"
 
 
@@ -64,8 +67,9 @@ class SpikeGuard(L.Callback):
         lr_scale: each rollback multiplies the learning rate (all groups, the whole schedule) by it.
     """
 
-    def __init__(self, policy: Policy = "warn", k: float = 6.0, warmup: int = 50, window: int = 30,
-                 grad_norm_k: float | None = None, max_consecutive: int = 20, lr_scale: float = 1.0):
+    def __init__(self, policy: Policy = "warn", k: Above0 = 6.0, warmup: AtLeast0 = 50, window: Positive = 30,
+                 grad_norm_k: Above0 | None = None, max_consecutive: AtLeast0 = 20, lr_scale: Above0 = 1.0):
+        check_args(SpikeGuard, locals())  # (gptlab/config.py checks a run's config against the same)
         self.policy, self.k, self.warmup, self.grad_norm_k = policy, k, warmup, grad_norm_k
         self.max_consecutive, self.lr_scale = max_consecutive, lr_scale
         self.loss_stat, self.grad_stat = RunningStat(window), RunningStat(window)
