@@ -258,15 +258,9 @@ def _fmt_tokens(tokens: float | None) -> str:
     return "" if tokens is None else f", {_fmt_rate(tokens)} tokens"
 
 
-def spikes_line(events: list[dict[str, Any]]) -> str:
-    """`3 (step 120 skip, step 340 rollback, step 351 warn)`: the spike guard's events, the last few."""
-    shown = ", ".join(f"step {e['step']} {e['action']}" for e in events[-5:])
-    return f"{len(events)}" + (f" ({'..., ' if len(events) > 5 else ''}{shown})" if events else "")
-
-
 def summary(run_dir: str | os.PathLike, best_ckpt: str | os.PathLike | None, last_ckpt: str | os.PathLike | None,
             metric: str, value: float | None, steps: int | None = None, seconds: float | None = None,
-            tokens: float | None = None, spikes: list[dict[str, Any]] | None = None) -> str:
+            tokens: float | None = None, spikes: str | None = None) -> str:
     """The end-of-run block: where everything is and the commands to go on with."""
     done = f"{metric} {_fmt_value(value)}"
     if steps is not None:
@@ -279,7 +273,7 @@ def summary(run_dir: str | os.PathLike, best_ckpt: str | os.PathLike | None, las
         f"  run dir          {_shown(run_dir)}",
         f"  best checkpoint  {_shown(best_ckpt)}",
         f"  last checkpoint  {_shown(last_ckpt)}",
-        *([f"  loss spikes      {spikes_line(spikes)}"] if spikes is not None else []),
+        *([f"  loss spikes      {spikes}"] if spikes is not None else []),
         "next:",
     ]
     if ckpt is not None:

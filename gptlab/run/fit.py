@@ -23,7 +23,7 @@ from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
 from gptlab.training import LanguageModel
 from gptlab.training.callbacks import StepAxis
-from gptlab.training.spikes import find_guard
+from gptlab.training.spikes import find_guard, spikes_line
 
 
 def instantiate_all(node: DictConfig | None, **kwargs) -> list:
@@ -168,5 +168,5 @@ def report(outcome: Outcome) -> Outcome:
             print(job_line(o.run_dir, o.metric, o.value, steps=o.steps, seconds=o.seconds), flush=True)
         else:
             print(summary(o.run_dir, o.best_ckpt, o.last_ckpt, o.metric, o.value, steps=o.steps, seconds=o.seconds,
-                          tokens=o.tokens, spikes=o.spikes), flush=True)
+                          tokens=o.tokens, spikes=None if o.spikes is None else spikes_line(o.spikes)), flush=True)
     return outcome

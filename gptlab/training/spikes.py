@@ -258,6 +258,12 @@ class SpikeGuard(L.Callback):
         return False
 
 
+def spikes_line(events: list[dict[str, Any]]) -> str:
+    """`3 (step 120 skip, step 340 rollback, step 351 warn)`: the guard's events, the last few."""
+    shown = ", ".join(f"step {e['step']} {e['action']}" for e in events[-5:])
+    return f"{len(events)}" + (f" ({'..., ' if len(events) > 5 else ''}{shown})" if events else "")
+
+
 def find_guard(trainer: L.Trainer) -> SpikeGuard | None:
     return next((c for c in trainer.callbacks if isinstance(c, SpikeGuard)), None)
 
