@@ -27,6 +27,10 @@ class NonFiniteLossError(GptlabError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+class LossSpikeError(GptlabError):
+    """A loss spike stopped the run (callbacks.spikes.policy=stop, or too many spikes in a row)."""
+
+
 def user_error(exc: BaseException | None) -> GptlabError | None:
     """The GptlabError behind `exc`, looking through the wrapping of Hydra's instantiate and Lightning's
     hooks; a Lightning MisconfigurationException counts as one too (it names a bad setting)."""

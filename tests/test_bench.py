@@ -66,6 +66,12 @@ def check_eval(result, out):
     assert result["native"]["items_per_s"] > 0 and result["harness"]["items_per_s"] > 0
 
 
+def check_health(result, out):
+    tiny = result["presets"]["tiny"]
+    assert set(tiny["ms_per_step"]) == {"none", "default", "verbose"} and set(tiny["overhead_pct"]) == {"default", "verbose"}
+    assert all(v > 0 for v in tiny["ms_per_step"].values()) and "overhead" in out
+
+
 def check_gpu(result, out):
     if torch.cuda.is_available():
         assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0

@@ -46,7 +46,9 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
+    def qkv(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim) of `x`,
+        normalised and rotated as attention sees them."""
         B, T, C = x.size()
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)
@@ -58,6 +60,11 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None, pos=0, mask=None, attention=None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, rope)
         is_causal = mask is None
         if cache is not None:
             k, v = cache.update(pos, k, v)

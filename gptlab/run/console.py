@@ -41,14 +41,14 @@ def _fmt_seconds(value: float | None) -> str:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Progress in optimizer steps: `step 120/600 |####| 00:31<02:04, loss=1.912, val/loss=1.954,
-    tok/s=12.3k` (no epochs: training is step-based). The validation bar replaces itself (it is not
+    """Progress in optimizer steps: `step 120/600 |####| 00:31<02:04, loss=1.912, grad_norm=0.41,
+    val/loss=1.954, tok/s=12.3k` (no epochs: training is step-based). The validation bar replaces itself (it is not
     left behind), and the bar ends its line at the last step, so Lightning's closing
     "`Trainer.fit` stopped" line starts on a line of its own.
 
     Where stdout is not a terminal (a log file, SLURM, a sweep's captured output) a redrawn bar would
     leave a trail of carriage returns, so it prints one plain line per validation instead:
-    `step 200/600  loss 1.912  val/loss 1.954  12.3k tok/s  0:41 elapsed  ETA 1:22`.
+    `step 200/600  loss 1.912  grad_norm 0.41  val/loss 1.954  12.3k tok/s  0:41 elapsed  ETA 1:22`.
 
     Args:
         refresh_rate: redraw the bar every N steps.
@@ -79,12 +79,13 @@ class StepProgressBar(TQDMProgressBar):
         return (self._rate[-1][1] - self._rate[0][1]) / (self._rate[-1][0] - self._rate[0][0])
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """train loss, the last val/loss and tokens/s (strings: tqdm would pad numbers)."""
+        """train loss, gradient norm, the last val/loss and tokens/s (strings: tqdm would pad numbers)."""
         metrics = trainer.progress_bar_metrics
         out: dict[str, Any] = {}
-        for key, label in (("train/loss", "loss"), ("val/loss", "val/loss")):
+        for key, label, fmt in (("train/loss", "loss", ".4f"), ("train/grad_norm", "grad_norm", ".3g"),
+                                ("val/loss", "val/loss", ".4f")):
             if key in metrics:
-                out[label] = f"{float(metrics[key]):.4f}"
+                out[label] = f"{float(metrics[key]):{fmt}}"
         rate = self.tokens_per_second()
         if rate is not None:
             out["tok/s"] = _fmt_rate(rate)
@@ -259,7 +260,7 @@ def _fmt_tokens(tokens: float | None) -> str:
 
 def summary(run_dir: str | os.PathLike, best_ckpt: str | os.PathLike | None, last_ckpt: str | os.PathLike | None,
             metric: str, value: float | None, steps: int | None = None, seconds: float | None = None,
-            tokens: float | None = None) -> str:
+            tokens: float | None = None, spikes: str | None = None) -> str:
     """The end-of-run block: where everything is and the commands to go on with."""
     done = f"{metric} {_fmt_value(value)}"
     if steps is not None:
@@ -272,6 +273,7 @@ def summary(run_dir: str | os.PathLike, best_ckpt: str | os.PathLike | None, las
         f"  run dir          {_shown(run_dir)}",
         f"  best checkpoint  {_shown(best_ckpt)}",
         f"  last checkpoint  {_shown(last_ckpt)}",
+        *([f"  loss spikes      {spikes}"] if spikes is not None else []),
         "next:",
     ]
     if ckpt is not None:

@@ -23,6 +23,7 @@ from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
 from gptlab.training import LanguageModel
 from gptlab.training.callbacks import StepAxis
+from gptlab.training.spikes import find_guard, spikes_line
 
 
 def instantiate_all(node: DictConfig | None, **kwargs) -> list:
@@ -147,10 +148,12 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
         print(f"[gptlab] final {metric_name} = {value:.4f}" + ("" if math.isfinite(value) else " (not finite)"))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     last = run_dir / "checkpoints" / "last.ckpt"
+    guard = find_guard(trainer)
     return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
                    last_ckpt=str(last) if last.is_file() else None, seconds=time.perf_counter() - started,
                    tokens=module.tokens_seen, rank_zero=trainer.is_global_zero,
-                   pruned=pruning.pruned_at(trainer) is not None)
+                   pruned=pruning.pruned_at(trainer) is not None,
+                   spikes=guard.events if guard is not None else None)
 
 
 def train(cfg: DictConfig) -> float:
@@ -167,5 +170,5 @@ def report(outcome: Outcome) -> Outcome:
             print(job_line(o.run_dir, o.metric, o.value, steps=o.steps, seconds=o.seconds), flush=True)
         else:
             print(summary(o.run_dir, o.best_ckpt, o.last_ckpt, o.metric, o.value, steps=o.steps, seconds=o.seconds,
-                          tokens=o.tokens), flush=True)
+                          tokens=o.tokens, spikes=None if o.spikes is None else spikes_line(o.spikes)), flush=True)
     return outcome

@@ -43,6 +43,7 @@ class Outcome:
     rank_zero: bool = True
     trained: bool = True  # False: a finished run resumed (a requeue), nothing was done
     pruned: bool = False  # an Optuna trial stopped early by its study's pruner
+    spikes: list[dict[str, Any]] | None = None  # the spike guard's events (gptlab.training.spikes)
 
 
 def multirun() -> bool:
@@ -101,7 +102,8 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
         if outcome.rank_zero and (outcome.trained or not (outcome.run_dir / DONE).exists()):  # keep the real run's
             mark_done(outcome.run_dir, outcome.metric, outcome.value, outcome.steps,
                       round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt,
-                      marker=PRUNED if outcome.pruned else DONE)
+                      marker=PRUNED if outcome.pruned else DONE,
+                      **({"spikes": outcome.spikes} if outcome.spikes is not None else {}))
         if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
             _move_bookkeeping(run_dir, outcome.run_dir)
         return outcome.value

@@ -17,6 +17,7 @@ from gptlab.errors import ConfigError, GptlabError
 from gptlab.models.gpt import GPT
 from gptlab.sampling import start_ids
 from gptlab.schema import Positive, check_args
+from gptlab.training.spikes import validation_ok
 
 # viridis at 0, 1/4, 1/2, 3/4 and 1 (perceptually uniform, readable in grey); linear in between
 VIRIDIS = torch.tensor(
@@ -98,7 +99,8 @@ class AttentionMaps(L.Callback):
         ids = self._ids(trainer, pl_module)[-min(self.max_tokens, model.config.block_size):]
         with trainer.precision_plugin.forward_context():  # as validation runs (FSDP keeps bf16 weight copies)
             probs = attention_probs(model, torch.tensor([ids], dtype=torch.long, device=pl_module.device))
-        if not trainer.is_global_zero:
+        # a diverged model: the run's spike rule decides (gptlab.training.spikes), the picture is not drawn
+        if not validation_ok(trainer, pl_module, probs, "attention probabilities") or not trainer.is_global_zero:
             return
         image = attention_grid(probs, scale=max(1, self.cell_pixels // len(ids)))
         for logger in loggers:

@@ -13,6 +13,7 @@ from gptlab.compat import set_logging_step, set_peak_flops
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.sampling import MaxNewTokens, Temperature, TopK, generate, start_ids
 from gptlab.schema import Positive, check_args
+from gptlab.training.spikes import validation_ok
 
 
 class StepAxis(L.Callback):
@@ -56,6 +57,10 @@ class TextSample(L.Callback):
         # under the run's autocast, as validation: FSDP's mixed precision keeps bf16 copies of the
         # Block weights that float32 activations cannot multiply
         with trainer.precision_plugin.forward_context():
+            # a diverged model (non-finite val loss or logits): the run's spike rule decides, not multinomial
+            with torch.no_grad():
+                if not validation_ok(trainer, pl_module, pl_module.model(idx)[:, -1], "logits of the text sample"):
+                    return
             out = generate(
                 pl_module.model, idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                 generator=generator,

@@ -16,6 +16,7 @@ from gptlab.checkpoint import FORMAT, strip_compile_prefix
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import NonFiniteLossError
 from gptlab.models import build_model
+from gptlab.training.health import logged_step
 from gptlab.training.optim import (
     OptimConfig,
     ParamRoles,
@@ -79,6 +80,10 @@ class LanguageModel(L.LightningModule):
         self.validation_seconds = 0.0  # wall-clock spent validating (reported by train.py)
         self._validation_started = 0.0
         self._compiled = False
+        self._grad_norm: torch.Tensor | None = None  # this optimizer step's, computed once (grad_norm)
+        # True when a SpikeGuard callback judges every step's loss, finite or not (gptlab.training.spikes)
+        self.loss_guarded = False
+        self.last_loss: torch.Tensor | None = None  # the last micro-batch's training loss
         self._roles = ParamRoles.of(self.model)  # now: FSDP later turns the matrices into flat 1-D shards
 
     # -- setup ------------------------------------------------------------------------------------
@@ -106,20 +111,21 @@ class LanguageModel(L.LightningModule):
         torch.default_generator.manual_seed(seed)  # ~100x cheaper than torch.manual_seed
         if self.device.type == "cuda":
             torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+        self._grad_norm = None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
+        if not self.loss_guarded and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping. The last "
                 f"good checkpoint is intact; lower optim.lr, raise warmup or use trainer.precision=32-true"
             )
+        self.last_loss = loss.detach()  # for the spike guard
         self.micro_step += 1
         self.tokens_seen += batch[0].numel() * self.trainer.world_size
         # Only on the steps the logger writes: each self.log call costs ~0.5 ms of Python (Lightning
         # moves its result record to the value's device every time), 2% of a small CPU model's step.
-        step = self.global_step + 1
-        if step % max(1, self.trainer.log_every_n_steps) == 0 or step == self.trainer.max_steps:
+        if logged_step(self.trainer, self.global_step + 1):
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             self.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False)
             counts = getattr(self.trainer.datamodule, "counts", None)
@@ -197,14 +203,32 @@ class LanguageModel(L.LightningModule):
         scheduler = build_schedule(optimizer, cfg, trainer.max_steps if trainer else None, time_budget(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
+    def _sharded(self) -> bool:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return isinstance(self.trainer.strategy.model, FullyShardedDataParallel)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of this optimizer step's gradients before clipping, on the device (no host
+        sync). Computed once per step: the health statistics, the spike guard and clipping share it."""
+        if self._grad_norm is None:
+            # the optimizer's order, as torch's clip_grad_norm_ would sum them: the same number to the last bit
+            grads = [p.grad for g in self.trainer.optimizers[0].param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+            if self._sharded():  # each rank holds a shard of every gradient
+                norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+            self._grad_norm = norm
+        return self._grad_norm
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # FSDP shards the gradients: their norm is one over all shards, which only the FSDP root module
         # computes (Lightning refuses torch's clip_grad_norm_ under FSDP)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        root = self.trainer.strategy.model
-        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
-            root.clip_grad_norm_(gradient_clip_val)
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if by_norm and self._sharded():
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif by_norm and self._grad_norm is not None:  # the norm is known already: one pass over the gradients
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
