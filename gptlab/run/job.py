@@ -1,8 +1,9 @@
 """One job's life under Hydra: report a failure as one line, leave no debris, and in a multirun
 record the outcome in the job's directory and let the sweep go on.
 
-Each job directory ends with a marker: `DONE` (JSON: metric, value, steps, seconds) or `FAILED` (the
-error on the first line, then the traceback). `gptlab.report` and the sweep tally read them.
+Each job directory ends with a marker: `DONE` (JSON: metric, value, steps, seconds, checkpoints and,
+with a compute budget, `budget`) or `FAILED` (the error on the first line, then the traceback).
+`gptlab.report` and the sweep tally read them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Outcome:
     tokens: int | None = None  # tokens trained on
     rank_zero: bool = True
     trained: bool = True  # False: a finished run resumed (a requeue), nothing was done
+    budget: dict | None = None  # a compute budget's plan and spend (gptlab.training.budget.Spend.record)
 
 
 def multirun() -> bool:
@@ -95,7 +97,8 @@ def run(fn: Callable[[], Outcome | Any], run_dir: str | Path | None, on_failure:
     if isinstance(outcome, Outcome):
         if outcome.rank_zero and (outcome.trained or not (outcome.run_dir / DONE).exists()):  # keep the real run's
             mark_done(outcome.run_dir, outcome.metric, outcome.value, outcome.steps,
-                      round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt)
+                      round(time.perf_counter() - started, 3), best_ckpt=outcome.best_ckpt, last_ckpt=outcome.last_ckpt,
+                      **({"budget": outcome.budget} if outcome.budget else {}))
         if run_dir is not None and run_dir.resolve() != outcome.run_dir.resolve() and only_bookkeeping(run_dir):
             _move_bookkeeping(run_dir, outcome.run_dir)
         return outcome.value
