@@ -144,8 +144,9 @@ def read_marker(job_dir: Path) -> tuple[str, dict[str, Any] | str | None]:
 
 def read_yaml(path: Path) -> Any:
     """A YAML file of a job directory (Hydra's `.hydra/*.yaml`, a sweep's multirun.yaml); None if it is
-    missing or unreadable."""
+    missing or unreadable. libyaml's safe loader where PyYAML has it: ~10x faster on Hydra's long
+    hydra.yaml of every job, which a sweep's report reads."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError):
         return None
