@@ -3,8 +3,9 @@
 For each group of runs (a sweep directory; outputs/train/runs/; a single run given on its own) it
 prints a table of the jobs sorted by the optimised metric (best first) and writes report.md,
 report.csv and val_loss.png into that directory, plus optuna_history.png and optuna_importance.png
-for an Optuna sweep, and for a sweep over seeds the statistics of its groups (gptlab.report.groups:
-groups.csv, groups_*.png, a section of report.md). It reads only what the runs wrote (TensorBoard event files or CSV-logger
+for an Optuna sweep; for a sweep over seeds the statistics of its groups (gptlab.report.groups:
+groups.csv, groups_*.png, a section of report.md); for an isoFLOP sweep its scaling laws
+(gptlab.report.scaling: scaling.csv, isoflop.png, frontier.png, a section of report.md). It reads only what the runs wrote (TensorBoard event files or CSV-logger
 metrics, Hydra's .hydra/ files, the DONE / FAILED markers), so it works while a sweep is running.
 Given an outputs directory, every group found under it gets its own report.
 """
@@ -24,8 +25,9 @@ from gptlab.files import atomic_write
 from gptlab.report.collect import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
                                 read_job, sort_jobs)
 from gptlab.run.naming import sweep_name
-from gptlab.report import groups_write
+from gptlab.report import groups_write, scaling, scaling_write
 from gptlab.report.groups import GroupReport, analyse, has_seeds
+from gptlab.report.scaling import ScalingFit
 from gptlab.report.study import load_study, plot_study, sweep_settings
 from gptlab.report.write import markdown, plot_val_loss, text_table, write_csv
 
@@ -40,10 +42,12 @@ class Report:
     files: list[Path] = field(default_factory=list)  # what was written
     notes: list[str] = field(default_factory=list)
     seeds: GroupReport | None = None  # the statistics of the groups of jobs that differ only by seed
+    scaling: ScalingFit | None = None  # an isoFLOP sweep's scaling laws
 
     @property
     def table(self) -> str:
-        return text_table(self.jobs) + (f"\n\n{groups_write.text(self.seeds)}" if self.seeds else "")
+        out = text_table(self.jobs) + (f"\n\n{groups_write.text(self.seeds)}" if self.seeds else "")
+        return out + (f"\n\n{scaling_write.text(self.scaling)}" if self.scaling else "")
 
 
 def read_report(group: str | os.PathLike, metrics: list[str] | None = None, baseline: str | None = None) -> Report:
@@ -58,6 +62,9 @@ def read_report(group: str | os.PathLike, metrics: list[str] | None = None, base
     rep = Report(group, jobs)
     if metrics or baseline or has_seeds(jobs):
         rep.seeds = analyse(jobs, metrics, baseline)
+    points = scaling.points_of(jobs)
+    if scaling.is_isoflop(points):
+        rep.scaling = scaling.fit(points)
     return rep
 
 
@@ -76,6 +83,13 @@ def write_report(rep: Report) -> Report:
         sections = groups_write.markdown(rep.seeds, plots)
         groups_write.write_csv(group / "groups.csv", rep.seeds)
         extra += [group / "groups.csv", *plots]
+    if rep.scaling:
+        plots = [group / "isoflop.png", group / "frontier.png"]
+        scaling_write.plot_isoflop(plots[0], rep.scaling)
+        scaling_write.plot_frontier(plots[1], rep.scaling)
+        scaling_write.write_csv(group / "scaling.csv", rep.scaling)
+        sections += scaling_write.markdown(rep.scaling, plots)
+        extra += [group / "scaling.csv", *plots]
     study, notes = load_study(group, jobs)
     rep.notes += notes
     if study is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gptlab.files import atomic_write
 from gptlab.report.groups import Group, GroupReport, Stat, summarize
-from gptlab.report.write import LABEL_WIDTH, align, fmt_float, md_table, new_figure, save_figure, shorten
+from gptlab.report.write import LABEL_WIDTH, LEGEND_MAX, align, fmt_float, md_table, new_figure, save_figure, shorten
 
 HEAD = ["group", "n", "mean", "std", "95% interval", "diff vs baseline", "95% interval of diff", "p (Welch)",
         "p (Holm)"]
@@ -99,7 +99,8 @@ def plot_curves(path: Path, rep: GroupReport, tag: str = "val/loss") -> bool:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"{tag}: mean and 95% interval")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(rep.groups) <= LEGEND_MAX:
+        ax.legend(fontsize="small")
     save_figure(fig, path)
     return True
 
@@ -111,11 +112,13 @@ def plot_dots(path: Path, rep: GroupReport) -> bool:
     if not groups:
         return False
     fig, ax = new_figure()
-    for y, g in enumerate(groups):
-        s = g.stats[column]
-        ax.scatter(s.values, [y] * len(s.values), color="tab:gray", alpha=0.6, s=14, zorder=2)
-        err = [[s.mean - s.low], [s.high - s.mean]] if s.low is not None else None
-        ax.errorbar([s.mean], [y], xerr=err, fmt="o", color="tab:blue", capsize=4, zorder=3)
+    stats = [g.stats[column] for g in groups]
+    ax.scatter([v for s in stats for v in s.values], [y for y, s in enumerate(stats) for _ in s.values],
+               color="tab:gray", alpha=0.6, s=14, zorder=2)
+    # one-seed groups: a dot without a bar
+    err = [[s.mean - s.low if s.low is not None else 0 for s in stats],
+           [s.high - s.mean if s.high is not None else 0 for s in stats]]
+    ax.errorbar([s.mean for s in stats], range(len(stats)), xerr=err, fmt="o", color="tab:blue", capsize=4, zorder=3)
     base = rep.baseline.stats[column].mean
     if base is not None:
         ax.axvline(base, color="tab:red", linestyle="--", alpha=0.6, label=f"baseline mean ({rep.baseline.name})")

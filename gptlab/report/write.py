@@ -12,6 +12,7 @@ from gptlab.report.collect import Job
 
 REASON_WIDTH = 60
 LABEL_WIDTH = 60
+LEGEND_MAX = 24  # more lines than this: no legend (unreadable, and slow to lay out)
 
 
 def shorten(text: str, width: int) -> str:
@@ -123,14 +124,15 @@ def write_csv(path: Path, jobs: list[Job]) -> None:
         f.write(buffer.getvalue())
 
 
-def new_figure():
-    """(figure, axes) of a figure of its own, without pyplot's global state or GUI backends."""
+def new_figure(ncols: int = 1):
+    """(figure, axes) of a figure of its own, without pyplot's global state or GUI backends; `ncols`
+    above 1: a row of that many axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5), dpi=90)
+    fig = Figure(figsize=(8 if ncols == 1 else 5 * ncols, 5), dpi=90)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, fig.subplots(1, ncols)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -153,6 +155,7 @@ def plot_val_loss(path: Path, jobs: list[Job], title: str) -> bool:
     ax.set_ylabel("val/loss")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=1 if len(curves) <= 12 else 2)
+    if len(curves) <= LEGEND_MAX:
+        ax.legend(fontsize="small", ncol=1 if len(curves) <= 12 else 2)
     save_figure(fig, path)
     return True
