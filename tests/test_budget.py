@@ -82,6 +82,13 @@ def test_a_budget_run_stops_there_and_says_what_it_spent(tmp_path, data_dir, cap
     assert scalars["budget/flops_spent"][-1][1] == pytest.approx(b["flops_spent"], rel=1e-6)
     from gptlab.training.optim import lr_factor
 
+    # resumed with the same budget (a requeued job): finished, nothing to do
+    again = train_config([f"data.path={SHAKESPEARE}", *TINY, "budget.tokens=6000", "optim=adamw",
+                          f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], run_dir)
+    with kept_environ():
+        outcome = fit(again)
+    assert not outcome.trained and outcome.steps == steps and outcome.value == done["value"]
+    assert f"finished at step {steps} (trainer.max_steps={steps}); nothing to do" in capsys.readouterr().out
     lr = next(v for k, v in scalars.items() if k.startswith("lr"))
     # the cosine decays over the budget's steps (not the config's 600): at step s the factor of step s
     assert lr[-1][0] == steps - 1

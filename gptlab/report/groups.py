@@ -26,6 +26,15 @@ KINDS = ("final", "best")
 LEVEL = 0.95
 
 
+def scipy_stats():
+    """scipy.stats, or one line saying how to install it."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ConfigError('the statistics of seeds and scaling laws need scipy: pip install "gptlab[sweep]"') from None
+    return stats
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -89,8 +98,8 @@ def value(job: Job, column: str) -> float | None:
 
 def summarize(values: list[float]) -> Stat:
     import numpy as np
-    from scipy import stats
 
+    stats = scipy_stats()
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return Stat(0)
@@ -104,8 +113,8 @@ def summarize(values: list[float]) -> Stat:
 def compare(values: list[float], baseline: list[float]) -> Comparison | None:
     """Welch's test of mean(values) - mean(baseline); None without 2 values on each side."""
     import numpy as np
-    from scipy import stats
 
+    stats = scipy_stats()
     if len(values) < 2 or len(baseline) < 2:
         return None if not values or not baseline else Comparison(float(np.mean(values) - np.mean(baseline)))
     result = stats.ttest_ind(values, baseline, equal_var=False)

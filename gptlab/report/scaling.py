@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gptlab.report.collect import Job
+from gptlab.report.groups import scipy_stats
 
 RESAMPLES = 1000
 SEED = 0
@@ -121,11 +122,9 @@ def fit_budget(flops: float, points: list[Point]) -> BudgetFit:
 
 
 def power_law(flops: list[float], optimum: list[float]) -> PowerLaw | None:
-    from scipy import stats
-
     if len(set(flops)) < 2:
         return None
-    line = stats.linregress(np.log10(flops), np.log10(optimum))
+    line = scipy_stats().linregress(np.log10(flops), np.log10(optimum))
     return PowerLaw(float(line.slope), float(10 ** line.intercept))
 
 

@@ -125,6 +125,10 @@ def apply(budget: Budget, cfg, trainer, model) -> Spend:
     trainer.fit_loop.epoch_loop.max_steps = spend.steps
     if trainer.is_global_zero:
         print(describe(spend, cfg.trainer.get("max_steps")))
+        warmup = cfg.optim.get("warmup_steps") or 0
+        if spend.steps <= warmup:
+            print(f"[gptlab] warning: the budget's {spend.steps} steps end within optim.warmup_steps={warmup}: "
+                  f"the learning rate never reaches its peak; lower optim.warmup_steps or raise the budget")
     with open_dict(cfg):
         cfg.trainer.max_steps = spend.steps
         cfg.budget.update(steps=spend.steps, tokens_per_step=spend.tokens_per_step,
