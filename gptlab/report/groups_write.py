@@ -3,14 +3,12 @@ validation curve of each group with its 95% band, and a dot-and-interval chart o
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from pathlib import Path
 
-from gptlab.files import atomic_write
 from gptlab.report.groups import Group, GroupReport, Stat, summarize
-from gptlab.report.write import LABEL_WIDTH, LEGEND_MAX, align, fmt_float, md_table, new_figure, save_figure, shorten
+from gptlab.report.write import (LABEL_WIDTH, LEGEND_MAX, align, fmt_float, md_images, md_table, new_figure, save_figure,
+                                 shorten, write_rows)
 
 HEAD = ["group", "n", "mean", "std", "95% interval", "diff vs baseline", "95% interval of diff", "p (Welch)",
         "p (Holm)"]
@@ -61,23 +59,20 @@ def markdown(rep: GroupReport, images: list[Path]) -> list[str]:
         out += [f"- job {j.path.name} ({j.name}): {j.status}" + (f": {j.reason}" if j.reason else "")
                 for j in rep.left_out]
         out.append("")
-    out += [f"![{p.stem}]({p.name})\n" for p in images]
-    return out
+    return out + md_images(images)
+
+
+def csv_row(rep: GroupReport, g: Group, column: str) -> list:
+    s, c = g.stats[column], g.vs_baseline.get(column)
+    return [g.name, column, g is rep.baseline, s.n, s.mean, s.std, s.low, s.high,
+            *((c.diff, c.low, c.high, c.p, c.p_holm) if c else (None,) * 5),
+            " ".join(repr(v) for v in s.values), " ".join(j.path.name for j in g.finished)]
 
 
 def write_csv(path: Path, rep: GroupReport) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["group", "statistic", "baseline", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_low",
-                     "diff_high", "p", "p_holm", "values", "jobs"])
-    for column in rep.columns:
-        for g in rep.groups:
-            s, c = g.stats[column], g.vs_baseline.get(column)
-            writer.writerow([g.name, column, g is rep.baseline, s.n, s.mean, s.std, s.low, s.high,
-                             *((c.diff, c.low, c.high, c.p, c.p_holm) if c else (None,) * 5),
-                             " ".join(repr(v) for v in s.values), " ".join(j.path.name for j in g.finished)])
-    with atomic_write(path, "w") as f:
-        f.write(buffer.getvalue())
+    write_rows(path, ["group", "statistic", "baseline", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_low",
+                      "diff_high", "p", "p_holm", "values", "jobs"],
+               (csv_row(rep, g, column) for column in rep.columns for g in rep.groups))
 
 
 def plot_curves(path: Path, rep: GroupReport, tag: str = "val/loss") -> bool:

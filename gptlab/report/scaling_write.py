@@ -4,15 +4,12 @@ frontier.png (N_opt and D_opt against C with the fitted power laws)."""
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
-from gptlab.files import atomic_write
 from gptlab.report.scaling import PowerLaw, ScalingFit
-from gptlab.report.write import md_table, new_figure, save_figure
+from gptlab.report.write import md_images, md_table, new_figure, save_figure, write_rows
 
 
 def fmt(value: float | None) -> str:
@@ -44,26 +41,16 @@ def markdown(result: ScalingFit, images: list[Path]) -> list[str]:
            f"95% percentile bootstrap ({result.resamples} resamples of each budget's jobs).", "",
            *md_table(["budget C (FLOPs)", "jobs", "N_opt", "D_opt", "loss at N_opt"], rows), "",
            "- " + fmt_law(result.n_law, "N_opt", "a"), "- " + fmt_law(result.d_law, "D_opt", "b")]
-    out += [f"- {n}" for n in result.notes]
-    out.append("")
-    out += [f"![{p.stem}]({p.name})\n" for p in images]
-    return out
+    return out + [f"- {n}" for n in result.notes] + [""] + md_images(images)
 
 
 def write_csv(path: Path, result: ScalingFit) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["quantity", "budget_flops", "value", "low", "high"])
-    for f in result.budgets:
-        writer.writerow(["N_opt", f.flops, f.n_opt, None, None])
-        writer.writerow(["D_opt", f.flops, f.d_opt, None, None])
-        writer.writerow(["loss_opt", f.flops, f.loss_opt, None, None])
+    rows = [[name, f.flops, getattr(f, attr), None, None] for f in result.budgets
+            for name, attr in (("N_opt", "n_opt"), ("D_opt", "d_opt"), ("loss_opt", "loss_opt"))]
     for name, law in (("a", result.n_law), ("b", result.d_law)):
         if law is not None:
-            writer.writerow([name, None, law.exponent, law.low, law.high])
-            writer.writerow([f"k ({name})", None, law.coefficient, None, None])
-    with atomic_write(path, "w") as f:
-        f.write(buffer.getvalue())
+            rows += [[name, None, law.exponent, law.low, law.high], [f"k ({name})", None, law.coefficient, None, None]]
+    write_rows(path, ["quantity", "budget_flops", "value", "low", "high"], rows)
 
 
 def plot_isoflop(path: Path, result: ScalingFit, metric: str = "val/loss") -> None:

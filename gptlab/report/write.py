@@ -104,24 +104,32 @@ def markdown(group: Path, jobs: list[Job], images: list[Path], notes: list[str],
            f"sorted by {jobs[0].metric if jobs else 'val/loss'} (best first).", "",
            *md_table(head, rows(jobs)), ""]
     out += sections
-    out += [f"![{p.stem}]({p.name})\n" for p in images]
+    out += md_images(images)
     out += [f"- {n}" for n in notes]
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_csv(path: Path, jobs: list[Job]) -> None:
+def write_rows(path: Path, header: list[str], body) -> None:
+    """A CSV file, written whole or not at all."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    metric = jobs[0].metric if jobs else "val/loss"
-    writer.writerow(["job", "name", "status", "reason", "metric", "value", "best_val_loss", "final_val_loss",
-                     "steps", "tokens", "seconds", "path", "overrides", "budget_flops", "budget_tokens", "params",
-                     "flops_spent"])
-    for j in jobs:
-        writer.writerow([j.path.name, j.name, j.status, j.reason, metric, j.value, j.best_val, j.final_val,
-                         j.steps, j.tokens, None if j.seconds is None else round(j.seconds, 1), str(j.path),
-                         " ".join(j.overrides), *(j.budget.get(k) for k in ("flops", "tokens", "params", "flops_spent"))])
+    writer.writerow(header)
+    writer.writerows(body)
     with atomic_write(path, "w") as f:
         f.write(buffer.getvalue())
+
+
+def md_images(images: list[Path]) -> list[str]:
+    return [f"![{p.stem}]({p.name})\n" for p in images]
+
+
+def write_csv(path: Path, jobs: list[Job]) -> None:
+    metric = jobs[0].metric if jobs else "val/loss"
+    write_rows(path, ["job", "name", "status", "reason", "metric", "value", "best_val_loss", "final_val_loss", "steps",
+                      "tokens", "seconds", "path", "overrides", "budget_flops", "budget_tokens", "params", "flops_spent"],
+               ([j.path.name, j.name, j.status, j.reason, metric, j.value, j.best_val, j.final_val, j.steps, j.tokens,
+                 None if j.seconds is None else round(j.seconds, 1), str(j.path), " ".join(j.overrides),
+                 *(j.budget.get(k) for k in ("flops", "tokens", "params", "flops_spent"))] for j in jobs))
 
 
 def new_figure(ncols: int = 1):
