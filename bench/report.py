@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
               "written": written, "machine": C.machine_info(torch_too=False)}
     print(f"report over {jobs} synthetic jobs: {seconds:.2f} s ({cpu:.2f} s of CPU; goal < {GOAL_SECONDS:.0f} s: "
           f"{'met' if result['goal_met'] else 'NOT met'}); {result['groups']} groups; wrote {', '.join(written)}")
-    if not args.tiny or args.out:
-        print(f"results: {C.write_results('report', result, args.out)}")
+    print(f"results: {C.write_results('report', result, args.out)}")
     return result
 
 

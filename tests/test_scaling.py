@@ -1,19 +1,17 @@
 """Scaling laws: the approach-2 fit recovers the exponents of a known law from synthetic results; a tiny
 real isoFLOP sweep (hparams_search=isoflop) runs end to end, each job on its budget, and its report draws
-the isoFLOP and frontier plots; the report benchmark's --tiny mode; the sweep's bad settings."""
+the isoFLOP and frontier plots; the sweep's bad settings (bench/report.py --tiny: tests/test_bench.py)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script
+from conftest import SHAKESPEARE, TINY, read_scalars, run_script
 from gptlab.errors import ConfigError
 from gptlab.report.scaling import Point, fit
 from gptlab.run.grids import isoflop_jobs
@@ -104,17 +102,3 @@ def test_the_isoflop_sweeper_sets_the_budget_itself():
     sweeper = IsoFLOPSweeper(budgets=[1e13], depths=[2])
     assert "give no budget.flops/tokens" in sweeper.check(OmegaConf.create({"budget": {"tokens": 1e6}}))
     assert sweeper.check(OmegaConf.create({"budget": {"flops": None, "tokens": None}})) is None
-
-
-def test_report_benchmark_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        result = module.main(["--tiny", "--out", str(tmp_path / "report.json")])
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    assert result["jobs"] == 12 and result["groups"] == 6
-    assert {"isoflop.png", "frontier.png", "groups.csv", "scaling.csv", "report.md"} <= set(result["written"])
-    assert json.loads((tmp_path / "report.json").read_text())["jobs"] == 12
