@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from gptlab.errors import ConfigError
 from gptlab.report.collect import Job
-from gptlab.run.naming import is_noise, run_name
+from gptlab.run.naming import is_noise, key_of, run_name
 
 DEFAULT_METRICS = ("val/loss", "val/bpb")
 KINDS = ("final", "best")
@@ -33,10 +33,6 @@ def scipy_stats():
     except ImportError:
         raise ConfigError('the statistics of seeds and scaling laws need scipy: pip install "gptlab[sweep]"') from None
     return stats
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 @dataclass
@@ -72,7 +68,7 @@ class Group:
 
 
 def has_seeds(jobs: list[Job]) -> bool:
-    return any(_key(o) == "seed" for j in jobs for o in j.overrides)
+    return any(key_of(o) == "seed" for j in jobs for o in j.overrides)
 
 
 def group_jobs(jobs: list[Job]) -> list[Group]:
@@ -81,7 +77,7 @@ def group_jobs(jobs: list[Job]) -> list[Group]:
 
     keyed: dict[tuple[str, ...], list[Job]] = {}
     for job in sorted(jobs, key=lambda j: natural(j.path.name)):
-        key = tuple(sorted(o for o in job.overrides if _key(o) != "seed" and not is_noise(o)))
+        key = tuple(sorted(o for o in job.overrides if key_of(o) != "seed" and not is_noise(o)))
         keyed.setdefault(key, []).append(job)
     common = set.intersection(*(set(k) for k in keyed)) if keyed else set()
     return [Group(run_name(key, common, "base"), key, members) for key, members in keyed.items()]

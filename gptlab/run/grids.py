@@ -20,16 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gptlab.errors import ConfigError
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+from gptlab.run.naming import key_of
 
 
 def with_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
     """`base` with each override of `extra` replacing the one of the same key (or added)."""
-    keys = {_key(o) for o in extra}
-    return [o for o in base if _key(o) not in keys] + list(extra)
+    keys = {key_of(o) for o in extra}
+    return [o for o in base if key_of(o) not in keys] + list(extra)
 
 
 def seed_list(seeds: int | Sequence[int] | None) -> list[int | None]:

@@ -14,8 +14,13 @@ from gptlab.run.job import read_yaml
 NOISE = ("hydra", "paths", "log_dir", "data_dir", "ckpt_path", "resume", "logger", "callbacks", "data.path")
 
 
+def key_of(override: str) -> str:
+    """`model.pos` of `model.pos=rope`, `+x=1` or `~x`."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
 def is_noise(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("~+")
+    key = key_of(override)
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)
 
 

@@ -104,7 +104,9 @@ def from_config(cfg) -> Budget | None:
 
 def check_settings(budget: Budget, cfg, command_line: list[str]) -> None:
     """See the module's docstring: trainer.max_steps on the command line, max_time, decay_steps."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in command_line}
+    from gptlab.run.naming import key_of
+
+    given = {key_of(o) for o in command_line}
     if "trainer.max_steps" in given:
         raise ConfigError(f"{budget.describe()} and trainer.max_steps={cfg.trainer.max_steps} on the command line: "
                           f"the budget sets the steps; give one of them")
