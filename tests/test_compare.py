@@ -91,6 +91,8 @@ def test_statistics_match_scipy_on_the_logged_values(sweep):
         # one comparison with a p-value (the failed group has none): Holm leaves it as it is
         assert float(row["p_holm"]) == pytest.approx(welch.pvalue, rel=1e-9)
         assert rows[("model.n_head=5", column)]["n"] == "0"
+    jobs = {r["job"]: r for r in csv.DictReader((sweep / "report.csv").open())}
+    assert jobs["1"]["group"] == "model.n_head=2,model.pos=rope" and jobs["2"]["group"] == "model.n_head=5"
     md = (sweep / "report.md").read_text()
     assert f"{welch.pvalue:.3g}" in md and "## Groups: jobs that differ only by seed" in md
     for job in ("2", "5", "8"):  # the failed jobs: left out and listed

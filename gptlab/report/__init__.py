@@ -96,7 +96,7 @@ def write_report(rep: Report) -> Report:
         plots, notes = plot_study(study, group)
         images += plots
         rep.notes += notes
-    write_csv(group / "report.csv", jobs)
+    write_csv(group / "report.csv", jobs, {j.path: g.name for g in rep.seeds.groups for j in g.jobs} if rep.seeds else None)
     with atomic_write(group / "report.md", "w") as f:
         f.write(markdown(group, jobs, images, rep.notes, sections))
     rep.files = [group / "report.md", group / "report.csv", *images, *extra]

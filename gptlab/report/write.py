@@ -123,13 +123,17 @@ def md_images(images: list[Path]) -> list[str]:
     return [f"![{p.stem}]({p.name})\n" for p in images]
 
 
-def write_csv(path: Path, jobs: list[Job]) -> None:
+def write_csv(path: Path, jobs: list[Job], groups: dict[Path, str] | None = None) -> None:
+    """report.csv: a row per job; `groups`: the seed group of each job (by its path), a column of its own."""
     metric = jobs[0].metric if jobs else "val/loss"
+    groups = groups or {}
     write_rows(path, ["job", "name", "status", "reason", "metric", "value", "best_val_loss", "final_val_loss", "steps",
-                      "tokens", "seconds", "path", "overrides", "budget_flops", "budget_tokens", "params", "flops_spent"],
+                      "tokens", "seconds", "path", "overrides", "budget_flops", "budget_tokens", "params", "flops_spent",
+                      "group"],
                ([j.path.name, j.name, j.status, j.reason, metric, j.value, j.best_val, j.final_val, j.steps, j.tokens,
                  None if j.seconds is None else round(j.seconds, 1), str(j.path), " ".join(j.overrides),
-                 *(j.budget.get(k) for k in ("flops", "tokens", "params", "flops_spent"))] for j in jobs))
+                 *(j.budget.get(k) for k in ("flops", "tokens", "params", "flops_spent")), groups.get(j.path)]
+                for j in jobs))
 
 
 def new_figure(ncols: int = 1):
