@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.models import RUN_SWITCHES
-from gptlab.run import resume
+from gptlab.run import naming, resume
 from gptlab.run import trackers
 from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
@@ -45,7 +45,7 @@ def step_intervals(trainer_cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig) -> Outcome:
     validate_train(cfg)
-    budget = compute_budget.from_config(cfg)
+    budget = compute_budget.from_config(cfg, naming.command_line_keys())
     info, run_dir = resume.resolve(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
     if run_dir != Path(cfg.paths.output_dir):  # a checkpoint's own run: its trackers and checkpoints go on there
         with open_dict(cfg):

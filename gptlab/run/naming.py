@@ -19,6 +19,13 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("~+")
 
 
+def command_line_keys() -> set[str]:
+    """The keys this job's command line set (Hydra's task overrides); none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return {key_of(o) for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+
+
 def is_noise(override: str) -> bool:
     key = key_of(override)
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)

@@ -90,23 +90,18 @@ def plan(budget: Budget, model, batch_size: int, world_size: int, accumulate: in
     return Spend(budget.flops, budget.tokens, steps, step_tokens, per_token, int(model.num_params(non_embedding=True)))
 
 
-def from_config(cfg) -> Budget | None:
-    """The run's budget (None: none given), refused with the settings it cannot share a run with."""
-    from hydra.core.hydra_config import HydraConfig
-
+def from_config(cfg, given: set[str] = frozenset()) -> Budget | None:
+    """The run's budget (None: none given), refused with the settings it cannot share a run with.
+    `given`: the keys set on the command line (gptlab.run.naming.command_line_keys)."""
     budget = Budget(**(cfg.get("budget") or {}))
     if not budget.given:
         return None
-    command_line = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    check_settings(budget, cfg, list(command_line))
+    check_settings(budget, cfg, given)
     return budget
 
 
-def check_settings(budget: Budget, cfg, command_line: list[str]) -> None:
+def check_settings(budget: Budget, cfg, given: set[str]) -> None:
     """See the module's docstring: trainer.max_steps on the command line, max_time, decay_steps."""
-    from gptlab.run.naming import key_of
-
-    given = {key_of(o) for o in command_line}
     if "trainer.max_steps" in given:
         raise ConfigError(f"{budget.describe()} and trainer.max_steps={cfg.trainer.max_steps} on the command line: "
                           f"the budget sets the steps; give one of them")
