@@ -4,7 +4,7 @@ wrong value is one line naming the key.
 
 A node with a `_target_` is checked against the signature of what it instantiates (TokenDataModule,
 lightning.Trainer with gptlab/training/trainer_settings.py's ranges, every callback and logger, ...);
-`model` against its architecture's config dataclass; `optim` against OptimConfig.
+`model` against its architecture's config dataclass; `optim` against OptimConfig; `budget` against Budget.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def check_target(node: Mapping[str, Any], prefix: str) -> None:
 def validate_train(cfg: DictConfig) -> None:
     """train.py's config, before anything is read or written."""
     from gptlab.models import ARCHS
+    from gptlab.training.budget import Budget
     from gptlab.training.optim import OptimConfig
     from gptlab.training.trainer_settings import budget_seconds
 
@@ -56,6 +57,7 @@ def validate_train(cfg: DictConfig) -> None:
     if arch in ARCHS:
         check_node({k: v for k, v in model.items() if k != "arch"}, "model.", schema.hints(ARCHS[arch][1]))
     check_node(container.get("optim") or {}, "optim.", schema.hints(OptimConfig))
+    check_node(container.get("budget") or {}, "budget.", schema.hints(Budget))
     for group in ("data", "trainer"):
         node = container.get(group)
         if isinstance(node, Mapping) and "_target_" in node:

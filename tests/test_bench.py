@@ -72,6 +72,12 @@ def check_health(result, out):
     assert all(v > 0 for v in tiny["ms_per_step"].values()) and "overhead" in out
 
 
+def check_report(result, out):
+    # 2 budgets x 3 depths x 2 seeds: 6 groups of 2 seeds, and a scaling fit over the 2 budgets
+    assert result["jobs"] == 12 and result["groups"] == 6 and result["exponent_a"] is not None
+    assert {"isoflop.png", "frontier.png", "groups.csv", "scaling.csv", "report.md"} <= set(result["written"])
+
+
 def check_gpu(result, out):
     if torch.cuda.is_available():
         assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0

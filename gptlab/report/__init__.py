@@ -3,7 +3,9 @@
 For each group of runs (a sweep directory; outputs/train/runs/; a single run given on its own) it
 prints a table of the jobs sorted by the optimised metric (best first) and writes report.md,
 report.csv and val_loss.png into that directory, plus optuna_history.png and optuna_importance.png
-for an Optuna sweep. It reads only what the runs wrote (TensorBoard event files or CSV-logger
+for an Optuna sweep; for a sweep over seeds the statistics of its groups (gptlab.report.groups:
+groups.csv, groups_*.png, a section of report.md); for an isoFLOP sweep its scaling laws
+(gptlab.report.scaling: scaling.csv, isoflop.png, frontier.png, a section of report.md). It reads only what the runs wrote (TensorBoard event files or CSV-logger
 metrics, Hydra's .hydra/ files, the DONE / FAILED markers), so it works while a sweep is running.
 Given an outputs directory, every group found under it gets its own report.
 """
@@ -23,6 +25,9 @@ from gptlab.files import atomic_write
 from gptlab.report.collect import (DONE, FAILED, Job, find_groups, group_runs, mark_done, mark_failed, name_jobs,
                                 read_job, sort_jobs)
 from gptlab.run.naming import direction, sweep_name
+from gptlab.report import groups_write, scaling, scaling_write
+from gptlab.report.groups import GroupReport, analyse, has_seeds
+from gptlab.report.scaling import ScalingFit
 from gptlab.report.study import load_study, plot_study, sweep_settings
 from gptlab.report.write import markdown, plot_val_loss, text_table, write_csv
 
@@ -36,23 +41,37 @@ class Report:
     jobs: list[Job]  # best first
     files: list[Path] = field(default_factory=list)  # what was written
     notes: list[str] = field(default_factory=list)
+    seeds: GroupReport | None = None  # the statistics of the groups of jobs that differ only by seed
+    scaling: ScalingFit | None = None  # an isoFLOP sweep's scaling laws
 
     @property
     def table(self) -> str:
-        return text_table(self.jobs)
+        out = text_table(self.jobs) + (f"\n\n{groups_write.text(self.seeds)}" if self.seeds else "")
+        return out + (f"\n\n{scaling_write.text(self.scaling)}" if self.scaling else "")
 
 
-def build_report(group: str | os.PathLike, write: bool = True) -> Report:
-    """The report of one group of runs (see find_groups), written into that directory."""
+def read_report(group: str | os.PathLike, metrics: list[str] | None = None, baseline: str | None = None) -> Report:
+    """The report of one group of runs (see find_groups), nothing written. Where its jobs differ by seed
+    (or `metrics` or `baseline` are given) the groups' statistics too (gptlab.report.groups): `metrics`
+    the chosen ones beside val/loss and val/bpb, `baseline` the group to compare with."""
     group = Path(group)
     jobs = [read_job(run) for run in group_runs(group)]
     name_jobs(jobs)
     sweeper, _, _ = sweep_settings(group, [j.path for j in jobs])
     jobs = sort_jobs(jobs, str(sweeper.get("direction") or direction(jobs[0].metric if jobs else None)))
     rep = Report(group, jobs)
-    if not write:
-        return rep
-    images = []
+    if metrics or baseline or has_seeds(jobs):
+        rep.seeds = analyse(jobs, metrics, baseline)
+    points = scaling.points_of(jobs)
+    if scaling.is_isoflop(points):
+        rep.scaling = scaling.fit(points)
+    return rep
+
+
+def write_report(rep: Report) -> Report:
+    """report.md, report.csv and the plots (and groups.csv) into the group's directory."""
+    group, jobs = rep.group, rep.jobs
+    images, sections, extra = [], [], []
     if plot_val_loss(group / "val_loss.png", jobs, f"{len(jobs)} jobs of {group.name}"):
         images.append(group / "val_loss.png")
     else:
@@ -62,22 +81,45 @@ def build_report(group: str | os.PathLike, write: bool = True) -> Report:
         picture = group / (metric.replace("/", "_") + ".png")
         if plot_val_loss(picture, jobs, f"{len(jobs)} jobs of {group.name}", metric):
             images.append(picture)
+    if rep.seeds:
+        plots = [p for p, draw in ((group / "groups_val_loss.png", groups_write.plot_curves),
+                                   (group / groups_write.plot_name(rep.seeds.primary), groups_write.plot_dots))
+                 if draw(p, rep.seeds)]
+        sections = groups_write.markdown(rep.seeds, plots)
+        groups_write.write_csv(group / "groups.csv", rep.seeds)
+        extra += [group / "groups.csv", *plots]
+    if rep.scaling:
+        plots = [group / "isoflop.png", group / "frontier.png"]
+        scaling_write.plot_isoflop(plots[0], rep.scaling)
+        scaling_write.plot_frontier(plots[1], rep.scaling)
+        scaling_write.write_csv(group / "scaling.csv", rep.scaling)
+        sections += scaling_write.markdown(rep.scaling, plots)
+        extra += [group / "scaling.csv", *plots]
     study, notes = load_study(group, jobs)
     rep.notes += notes
     if study is not None:
         plots, notes = plot_study(study, group)
         images += plots
         rep.notes += notes
-    write_csv(group / "report.csv", jobs)
+    write_csv(group / "report.csv", jobs, {j.path: g.name for g in rep.seeds.groups for j in g.jobs} if rep.seeds else None)
     with atomic_write(group / "report.md", "w") as f:
-        f.write(markdown(group, jobs, images, rep.notes))
-    rep.files = [group / "report.md", group / "report.csv", *images]
+        f.write(markdown(group, jobs, images, rep.notes, sections))
+    rep.files = [group / "report.md", group / "report.csv", *images, *extra]
     return rep
 
 
-def report(path: str | os.PathLike, write: bool = True) -> list[Report]:
-    """A report for every group of runs at or under `path`."""
-    return [build_report(group, write) for group in find_groups(path)]
+def build_report(group: str | os.PathLike, write: bool = True, metrics: list[str] | None = None,
+                 baseline: str | None = None) -> Report:
+    rep = read_report(group, metrics, baseline)
+    return write_report(rep) if write else rep
+
+
+def report(path: str | os.PathLike, write: bool = True, metrics: list[str] | None = None,
+           baseline: str | None = None) -> list[Report]:
+    """A report for every group of runs at or under `path`; all are read (and any bad --baseline or
+    --metric refused) before any is written."""
+    reps = [read_report(group, metrics, baseline) for group in find_groups(path)]
+    return [write_report(rep) for rep in reps] if write else reps
 
 
 class SweepReport(HydraCallback):

@@ -16,15 +16,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("path", help="a sweep directory, a run directory or an outputs directory")
     parser.add_argument("--no-write", action="store_true", help="only print the tables")
+    parser.add_argument("--metric", action="append", default=[],
+                        help="a logged metric whose final and best values the groups' statistics show (first: the "
+                        "one compared and plotted), beside val/loss and val/bpb; repeatable")
+    parser.add_argument("--baseline", help="the group the others are compared with: its name or overrides, e.g. "
+                        "'model.pos=learned' (default: the group of the first job)")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, also without a display
-    run(lambda: show(args.path, write=not args.no_write), run_dir=None)
+    run(lambda: show(args.path, write=not args.no_write, metrics=args.metric, baseline=args.baseline), run_dir=None)
 
 
-def show(path: str, write: bool) -> None:
-    for i, rep in enumerate(report(path, write=write)):
+def show(path: str, write: bool, metrics: list[str] | None = None, baseline: str | None = None) -> None:
+    for i, rep in enumerate(report(path, write=write, metrics=metrics, baseline=baseline)):
         print(("\n" if i else "") + f"{rep.group}: {len(rep.jobs)} jobs, by {rep.jobs[0].metric} (best first)")
         print(rep.table)
         for note in rep.notes:

@@ -70,8 +70,11 @@ def _status(run: Path) -> tuple[str, str, dict[str, Any]]:
 
 
 def _tensorboard_curves(directory: Path) -> dict[str, Curve]:
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # not a line per event file it moves to
     ea = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: keep every point
     ea.Reload()
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
@@ -148,7 +151,13 @@ class Job:
     val_curve: Curve = field(default_factory=list)  # val/loss by optimizer step
     sources: dict[str, float] = field(default_factory=dict)  # a mixture's final val/loss/<source>
     name: str = ""
-    metric_curve: Curve = field(default_factory=list)  # the optimised metric by optimizer step
+    curves: dict[str, Curve] = field(default_factory=dict)  # every logged scalar, by optimizer step
+    budget: dict[str, Any] = field(default_factory=dict)  # DONE's compute budget (gptlab.training.budget)
+
+    @property
+    def metric_curve(self) -> Curve:
+        """The optimised metric by optimizer step."""
+        return self.curves.get(self.metric, [])
 
     @property
     def best_val(self) -> float | None:
@@ -158,6 +167,14 @@ class Job:
     @property
     def final_val(self) -> float | None:
         return _last(self.val_curve)
+
+    def final(self, tag: str) -> float | None:
+        return _last(self.curves.get(tag))
+
+    def best(self, tag: str) -> float | None:
+        """The lowest finite value logged (losses, bits per byte, perplexities: lower is better)."""
+        finite = [v for _, v in self.curves.get(tag, []) if math.isfinite(v)]
+        return min(finite) if finite else None
 
 
 def read_job(run: Path) -> Job:
@@ -183,7 +200,8 @@ def read_job(run: Path) -> Job:
         seconds=done.get("seconds") if done.get("seconds") is not None else _seconds(run),
         val_curve=[(s + 1, v) for s, v in curves.get("val/loss", [])],
         sources={tag: c[-1][1] for tag, c in curves.items() if tag.startswith("val/loss/") and c},
-        metric_curve=[(s + 1, v) for s, v in curves.get(metric, [])],
+        curves={tag: [(s + 1, v) for s, v in points] for tag, points in curves.items()},
+        budget=done.get("budget") or {},
     )
 
 

@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.models import RUN_SWITCHES
-from gptlab.run import pruning, resume
+from gptlab.run import naming, pruning, resume
 from gptlab.run import trackers
 from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
 from gptlab.training import LanguageModel
+from gptlab.training import budget as compute_budget
 from gptlab.training.callbacks import StepAxis
 from gptlab.training.spikes import find_guard, spikes_line
 
@@ -45,20 +46,16 @@ def step_intervals(trainer_cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig) -> Outcome:
     validate_train(cfg)
-    metric_name = cfg.get("optimized_metric") or "val/loss"
+    budget = compute_budget.from_config(cfg, naming.command_line_keys())
     info, run_dir = resume.resolve(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
     if run_dir != Path(cfg.paths.output_dir):  # a checkpoint's own run: its trackers and checkpoints go on there
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
-    if info is not None and resume.finished(info, cfg.trainer.get("max_steps"), cfg.trainer.get("max_time")):
+    # with a budget the steps are known once the model is (run_trainer)
+    max_steps = None if budget else cfg.trainer.get("max_steps")
+    if info is not None and resume.finished(info, max_steps, cfg.trainer.get("max_time")):
         resume.check_tokenizer(info, hydra.utils.instantiate(cfg.data).tokenizer.state_dict())
-        if metric_name not in info.metrics:
-            raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")
-        value = info.metrics[metric_name]
-        budget = f", trainer.max_time={cfg.trainer.max_time}" if cfg.trainer.get("max_time") else ""
-        print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}{budget}); "
-              f"nothing to do. final {metric_name} = {value:.4f}")
-        return Outcome(metric_name, value, info.step, run_dir, last_ckpt=str(info.path), trained=False)
+        return finished_outcome(cfg, info)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.model.get("init_from"):  # the shape is the checkpoint's (so are the data's windows, ${model.block_size})
         from hydra.core.hydra_config import HydraConfig
@@ -98,7 +95,7 @@ def fit(cfg: DictConfig) -> Outcome:
     # resume continues each tracker's run (TensorBoard purge_step, the W&B/MLflow run ids in the checkpoint)
     loggers = trackers.build_loggers(cfg, trackers.run_name(cfg), info)
     try:
-        outcome = run_trainer(cfg, module, datamodule, loggers, info)
+        outcome = run_trainer(cfg, module, datamodule, loggers, info, budget)
     except BaseException:
         trackers.finish(loggers, "failed")  # W&B exit code 1, MLflow FAILED
         raise
@@ -106,7 +103,20 @@ def fit(cfg: DictConfig) -> Outcome:
     return outcome
 
 
-def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, info) -> Outcome:
+def finished_outcome(cfg: DictConfig, info) -> Outcome:
+    """A resumed run that had reached its last step or second: nothing to do, its last values."""
+    metric_name = cfg.get("optimized_metric") or "val/loss"
+    if metric_name not in info.metrics:
+        raise ConfigError(f"optimized_metric={metric_name!r} is not in {info.path}; it holds {sorted(info.metrics)}")
+    value = info.metrics[metric_name]
+    budget = f", trainer.max_time={cfg.trainer.max_time}" if cfg.trainer.get("max_time") else ""
+    print(f"[gptlab] {info.path} finished at step {info.step} (trainer.max_steps={cfg.trainer.max_steps}{budget}); "
+          f"nothing to do. final {metric_name} = {value:.4f}")
+    return Outcome(metric_name, value, info.step, Path(cfg.paths.output_dir), last_ckpt=str(info.path), trained=False)
+
+
+def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: list, info,
+                budget: compute_budget.Budget | None = None) -> Outcome:
     metric_name = cfg.get("optimized_metric") or "val/loss"
     run_dir = Path(cfg.paths.output_dir)
     callbacks = [StepAxis(), trackers.TrackerRunIds(), *instantiate_all(cfg.get("callbacks")),
@@ -120,6 +130,9 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     if trainer.strategy.root_device.type == "cuda":
         # TF32 tensor cores for float32 matmuls (what mixed precision leaves in float32); CPU runs are untouched
         torch.set_float32_matmul_precision("high")
+    spend = compute_budget.apply(budget, cfg, trainer, module.model) if budget else None
+    if spend and info is not None and info.step >= spend.steps:
+        return finished_outcome(cfg, info)
     # not `loggers`: fast_dev_run swaps in a no-op logger; callbacks may declare hp/ metrics (callbacks=eval)
     hp = [m for c in trainer.callbacks for m in (c.hparam_metrics() if hasattr(c, "hparam_metrics") else [])]
     trackers.log_hyperparams(trainer.loggers, cfg, hp)
@@ -149,11 +162,14 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     last = run_dir / "checkpoints" / "last.ckpt"
     guard = find_guard(trainer)
+    spent = spend.record(trainer.global_step) if spend else None
+    if spent:
+        compute_budget.log_spent(trainer, spent)
     return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
                    last_ckpt=str(last) if last.is_file() else None, seconds=time.perf_counter() - started,
                    tokens=module.tokens_seen, rank_zero=trainer.is_global_zero,
                    pruned=pruning.pruned_at(trainer) is not None,
-                   spikes=guard.events if guard is not None else None)
+                   spikes=guard.events if guard is not None else None, budget=spent)
 
 
 def train(cfg: DictConfig) -> float:

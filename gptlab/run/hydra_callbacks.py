@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from gptlab.files import FilesystemError, check_writable
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """`Error: <message>` on stderr and exit status 1: a bad sweep setting, before any job runs."""
     print(f"Error: {message}", file=sys.stderr)
     raise SystemExit(1)
 
@@ -28,7 +29,7 @@ class OutputDirCheck(Callback):
         try:
             check_writable(directory, key)
         except FilesystemError as e:
-            _fail(str(e))
+            fail(str(e))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
@@ -36,7 +37,7 @@ class OutputDirCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         given = [o for o in config.hydra.overrides.hydra if o.split("=")[0].lstrip("+~") == "hydra.run.dir"]
         if given:
-            _fail(f"this is a sweep (multirun): {given[0]} is not used; give hydra.sweep.dir=<dir> instead")
+            fail(f"this is a sweep (multirun): {given[0]} is not used; give hydra.sweep.dir=<dir> instead")
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 

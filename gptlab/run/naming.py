@@ -23,8 +23,20 @@ def direction(metric: str | None) -> str:
     return "maximize" if name.startswith("eval/") and name.rsplit("/", 1)[-1].startswith("acc") else "minimize"
 
 
+def key_of(override: str) -> str:
+    """`model.pos` of `model.pos=rope`, `+x=1` or `~x`."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def command_line_keys() -> set[str]:
+    """The keys this job's command line set (Hydra's task overrides); none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return {key_of(o) for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+
+
 def is_noise(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("~+")
+    key = key_of(override)
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)
 
 

@@ -88,7 +88,7 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
             out[prefix.rstrip("/")] = str(node)
 
     container = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("model", "optim", "data", "trainer"):
+    for group in ("model", "optim", "data", "trainer", "budget"):
         walk(container.get(group, {}), f"{group}/")
     out["seed"] = container.get("seed")
     return out
