@@ -63,6 +63,11 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     if path is None or str(path) == "":
         raise CheckpointError("no checkpoint given: pass ckpt_path=<run>/checkpoints/last.ckpt")
     path = Path(path).expanduser()
+    if path.is_dir() and (path / "meta.pt").is_file():
+        from gptlab.sharded import consolidate_hint
+
+        raise CheckpointError(f"{path} is a sharded checkpoint (trainer=fsdp2/tp): make it one file first with "
+                              f"`{consolidate_hint(path)}`")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -116,10 +121,14 @@ class Info:
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged values
     trackers: dict[str, Any] = field(default_factory=dict)
     trained_s: float | None = None  # the seconds Lightning's Timer had counted (runs with a trainer.max_time)
+    sharded: bool = False  # a directory written by a model-parallel trainer (gptlab.sharded)
+    consolidated_from: str | None = None  # weights consolidated from that sharded checkpoint: no optimizer state
 
 
 def info(path: str | Path) -> Info:
-    ckpt = load(path, mmap=True)
+    from gptlab import sharded
+
+    ckpt = sharded.metadata(path) if sharded.is_sharded(path) else load(path, mmap=True)
     hparams = ckpt.get("hyper_parameters") or {}
     state = ckpt.get("gptlab") or {}
     best = state.get("best_val_loss")
@@ -132,6 +141,8 @@ def info(path: str | Path) -> Info:
         metrics={k: float(v) for k, v in (state.get("metrics") or {}).items()},
         trackers=dict(state.get("trackers") or {}),
         trained_s=_timer_seconds(ckpt.get("callbacks") or {}),
+        sharded=sharded.is_sharded(path),
+        consolidated_from=state.get("consolidated_from"),
     )
 
 
@@ -212,3 +223,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load(path, map_location=map_location or "cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gptlab.checkpoint consolidate <sharded dir> <file>`: one checkpoint file from a sharded one."""
+    import argparse
+
+    from gptlab.sharded import consolidate
+
+    parser = argparse.ArgumentParser(prog="python -m gptlab.checkpoint")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("consolidate", help="a sharded checkpoint (trainer=fsdp2/tp) -> one checkpoint file")
+    cmd.add_argument("src", help="the sharded checkpoint, e.g. <run>/checkpoints/last.ckpt (a directory)")
+    cmd.add_argument("dst", help="the checkpoint file to write")
+    args = parser.parse_args(argv)
+    try:
+        out = consolidate(args.src, args.dst)
+    except CheckpointError as e:
+        raise SystemExit(f"Error: {e}") from None
+    print(f"[gptlab] wrote {out}: sample.py, python -m gptlab.hf export and train=false read it")
+
+
+if __name__ == "__main__":
+    main()
