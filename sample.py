@@ -15,7 +15,6 @@ from gptlab.loading import DTYPES, Dtype, load_model, pick_device
 from gptlab.run.job import run
 from gptlab.sampling import MaxNewTokens, Temperature, TopK, TopP, generate, start_ids
 from gptlab.schema import Positive
-from gptlab.sharded import is_sharded
 
 @dataclass
 class SampleConfig:

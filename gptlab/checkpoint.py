@@ -40,6 +40,7 @@ from gptlab.files import atomic_write, remove_stale
 FORMAT = 1
 MODULE_PREFIX = "model."  # the LightningModule holds the model as `self.model`
 _ZIP_MAGIC = b"PK\x03\x04"
+SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
 def save(checkpoint: dict[str, Any], path: str | Path) -> Path:
@@ -63,9 +64,7 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     if path is None or str(path) == "":
         raise CheckpointError("no checkpoint given: pass ckpt_path=<run>/checkpoints/last.ckpt")
     path = Path(path).expanduser()
-    if path.is_dir() and (path / "meta.pt").is_file():
-        from gptlab.sharded import consolidate_hint
-
+    if is_sharded(path):
         raise CheckpointError(f"{path} is a sharded checkpoint (trainer=fsdp2/tp): make it one file first with "
                               f"`{consolidate_hint(path)}`")
     if not path.is_file():
@@ -92,6 +91,27 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a gptlab/Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint: a directory of shards with the rest of the checkpoint in meta.pt (gptlab.sharded)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def consolidate_hint(path: str | Path) -> str:
+    return f"python -m gptlab.sharded consolidate {path} <file>.ckpt"
+
+
+def sharded_metadata(path: str | Path) -> dict[str, Any]:
+    """meta.pt of a sharded checkpoint: everything but the weights and optimizer state (weights_only)."""
+    try:
+        meta = torch.load(Path(path) / SHARDED_META, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({SHARDED_META}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}/{SHARDED_META} is not a checkpoint's metadata")
+    return meta
 
 
 def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -126,9 +146,7 @@ class Info:
 
 
 def info(path: str | Path) -> Info:
-    from gptlab import sharded
-
-    ckpt = sharded.metadata(path) if sharded.is_sharded(path) else load(path, mmap=True)
+    ckpt = sharded_metadata(path) if is_sharded(path) else load(path, mmap=True)
     hparams = ckpt.get("hyper_parameters") or {}
     state = ckpt.get("gptlab") or {}
     best = state.get("best_val_loss")
@@ -141,7 +159,7 @@ def info(path: str | Path) -> Info:
         metrics={k: float(v) for k, v in (state.get("metrics") or {}).items()},
         trackers=dict(state.get("trackers") or {}),
         trained_s=_timer_seconds(ckpt.get("callbacks") or {}),
-        sharded=sharded.is_sharded(path),
+        sharded=is_sharded(path),
         consolidated_from=state.get("consolidated_from"),
     )
 
@@ -224,25 +242,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load(path, map_location=map_location or "cpu")
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gptlab.checkpoint consolidate <sharded dir> <file>`: one checkpoint file from a sharded one."""
-    import argparse
-
-    from gptlab.sharded import consolidate
-
-    parser = argparse.ArgumentParser(prog="python -m gptlab.checkpoint")
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("consolidate", help="a sharded checkpoint (trainer=fsdp2/tp) -> one checkpoint file")
-    cmd.add_argument("src", help="the sharded checkpoint, e.g. <run>/checkpoints/last.ckpt (a directory)")
-    cmd.add_argument("dst", help="the checkpoint file to write")
-    args = parser.parse_args(argv)
-    try:
-        out = consolidate(args.src, args.dst)
-    except CheckpointError as e:
-        raise SystemExit(f"Error: {e}") from None
-    print(f"[gptlab] wrote {out}: sample.py, python -m gptlab.hf export and train=false read it")
-
-
-if __name__ == "__main__":
-    main()

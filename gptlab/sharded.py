@@ -28,29 +28,8 @@ from gptlab import checkpoint
 from gptlab.errors import CheckpointError
 from gptlab.files import owner_tag, remove_stale, temp_name
 
-META = "meta.pt"  # Lightning's name for the non-tensor part (lightning.fabric.utilities.load)
 # what a consolidated file keeps: enough to sample, evaluate, export and start from, not to resume
 KEPT = ("hyper_parameters", "gptlab", "global_step", "epoch", "pytorch-lightning_version")
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / META).is_file()
-
-
-def consolidate_hint(path: str | os.PathLike) -> str:
-    return f"python -m gptlab.checkpoint consolidate {path} <file>.ckpt"
-
-
-def metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """meta.pt of a sharded checkpoint (weights_only)."""
-    try:
-        meta = torch.load(Path(path) / META, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({META}: {e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}/{META} is not a checkpoint's metadata")
-    return meta
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -77,7 +56,7 @@ def save_sharded(strategy, ckpt: dict[str, Any], filepath: str | os.PathLike) ->
     state.update({f"optimizer_{i}": s for i, s in enumerate(ckpt.pop("optimizer_states", []))})
     save(state, checkpoint_id=tmp)
     if strategy.is_global_zero:
-        checkpoint.save(ckpt, tmp / META)
+        checkpoint.save(ckpt, tmp / checkpoint.SHARDED_META)
     strategy.barrier()
     if strategy.is_global_zero:
         _replace_dir(tmp, path)
@@ -99,16 +78,17 @@ def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """One gptlab checkpoint file (weights and run metadata, no optimizer state) from a sharded one,
-    without a process group: sample.py, the Hugging Face export, evaluation (`train=false`) and
+    without a process group (`python -m gptlab.sharded consolidate <dir> <file>`): sample.py, the Hugging Face export, evaluation (`train=false`) and
     `model.init_from` read it; a run resumes from the sharded directory itself."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     src = Path(src).expanduser()
-    if not is_sharded(src):
-        raise CheckpointError(f"{src} is not a sharded checkpoint (a directory with {META}, written by trainer=fsdp2/tp)")
-    meta = metadata(src)
+    if not checkpoint.is_sharded(src):
+        raise CheckpointError(f"{src} is not a sharded checkpoint (a directory with {checkpoint.SHARDED_META}, "
+                              f"written by trainer=fsdp2/tp)")
+    meta = checkpoint.sharded_metadata(src)
     loaded: dict[str, Any] = {}
     _load_state_dict(loaded, storage_reader=FileSystemReader(src), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
                      no_dist=True)
@@ -123,3 +103,24 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     model, _ = checkpoint.model_from_checkpoint(out, src)  # refuse a file that would not load
     del model
     return checkpoint.save(out, dst)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gptlab.sharded consolidate <sharded dir> <file>`: one checkpoint file from a sharded one."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gptlab.sharded")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("consolidate", help="a sharded checkpoint (trainer=fsdp2/tp) -> one checkpoint file")
+    cmd.add_argument("src", help="the sharded checkpoint, e.g. <run>/checkpoints/last.ckpt (a directory)")
+    cmd.add_argument("dst", help="the checkpoint file to write")
+    args = parser.parse_args(argv)
+    try:
+        out = consolidate(args.src, args.dst)
+    except CheckpointError as e:
+        raise SystemExit(f"Error: {e}") from None
+    print(f"[gptlab] wrote {out}: sample.py, python -m gptlab.hf export and train=false read it")
+
+
+if __name__ == "__main__":
+    main()

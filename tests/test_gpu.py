@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gptlab.checkpoint import COMPILE_PREFIX, model_from_checkpoint
 from gptlab.checkpoint import load as load_checkpoint
 from gptlab.models import build_model
+from gptlab.sharded import main as sharded_main
 from gptlab.sampling import generate
 from gptlab.training.muon import Muon, orthogonalize
 
@@ -398,8 +399,6 @@ def test_fsdp_with_the_activation_checkpointing_switch(tmp_path, data_dir):
 def test_fsdp2_nccl_bf16_compile_and_checkpointing_on_one_gpu(tmp_path, data_dir):
     """trainer=fsdp2 on one GPU with NCCL: bf16 compute (FSDP2's param_dtype), per-Block inductor,
     activation checkpointing, optim=muon; the sharded checkpoint consolidates into a file that samples."""
-    from gptlab import checkpoint
-
     run_dir = tmp_path / "run"
     proc = run_script("train.py", train_args(run_dir, "trainer=fsdp2", "trainer.devices=1",
                                              "trainer.strategy.param_dtype=bfloat16", f"model.compile={COMPILE}",
@@ -411,7 +410,7 @@ def test_fsdp2_nccl_bf16_compile_and_checkpointing_on_one_gpu(tmp_path, data_dir
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     sharded = run_dir / "checkpoints" / "last.ckpt"
     assert (sharded / "meta.pt").is_file()
-    checkpoint.main(["consolidate", str(sharded), str(tmp_path / "one.ckpt")])
+    sharded_main(["consolidate", str(sharded), str(tmp_path / "one.ckpt")])
     texts = run_sample([f"ckpt_path={tmp_path / 'one.ckpt'}", "device=cuda", "num_samples=1", "max_new_tokens=20"])
     assert len(texts) == 1 and texts[0]
 

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from gptlab import checkpoint
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import build_model
+from gptlab.sharded import main as sharded_main
 
 from conftest import SHAKESPEARE, TINY
 from inprocess import run_sample, run_train
@@ -113,7 +114,7 @@ def test_consolidated_checkpoint_samples_and_exports(runs, name, tmp_path):
     with pytest.raises(CheckpointError, match="consolidate"):
         checkpoint.load(sharded)
     target = tmp_path / "one.ckpt"
-    checkpoint.main(["consolidate", str(sharded), str(target)])
+    sharded_main(["consolidate", str(sharded), str(target)])
     model, _ = checkpoint.model_from_checkpoint(checkpoint.load(target), target)
     x = torch.tensor(r[name]["input"])
     with torch.no_grad():
@@ -142,9 +143,9 @@ def test_bad_parallel_input_is_refused_before_any_process_starts(runs, tmp_path,
         with pytest.raises(ConfigError, match=message):
             run_train(overrides, tmp_path / "run")
     sharded = out / "fsdp2_gpt" / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointError, match="python -m gptlab.checkpoint consolidate"):
+    with pytest.raises(CheckpointError, match="python -m gptlab.sharded consolidate"):
         run_train([*BASE, "trainer.max_steps=40", f"ckpt_path={sharded}"], tmp_path / "single")
-    with pytest.raises(CheckpointError, match="python -m gptlab.checkpoint consolidate"):
+    with pytest.raises(CheckpointError, match="python -m gptlab.sharded consolidate"):
         run_sample([f"ckpt_path={sharded}", "max_new_tokens=5"])
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
 

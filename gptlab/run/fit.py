@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gptlab.checkpoint import is_sharded
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.models import RUN_SWITCHES
@@ -21,7 +22,6 @@ from gptlab.run import pruning, resume
 from gptlab.run import trackers
 from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
-from gptlab.sharded import is_sharded
 from gptlab.training import LanguageModel
 from gptlab.training.callbacks import StepAxis
 from gptlab.training.spikes import find_guard, spikes_line

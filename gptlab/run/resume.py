@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gptlab import checkpoint, sharded
+from gptlab import checkpoint
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.training.trainer_settings import budget_seconds
 
@@ -21,7 +21,7 @@ _FREE_KEYS = ("dropout",)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.is_file() or sharded.is_sharded(p)]
+    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.is_file() or checkpoint.is_sharded(p)]
     return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
 
 
@@ -36,7 +36,7 @@ def resolve(ckpt_path: str | None, resume: str | None, output_dir: str | Path) -
     if ckpt_path is None:
         return None, Path(output_dir)
     path = Path(str(ckpt_path)).expanduser().resolve()
-    if not path.is_file() and not sharded.is_sharded(path):
+    if not path.is_file() and not checkpoint.is_sharded(path):
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     info = checkpoint.info(path)  # the step, config and tokenizer only; Lightning reads the weights
     return info, path.parent.parent if path.parent.name == "checkpoints" else Path(output_dir)
@@ -95,7 +95,7 @@ def check_strategy(info: checkpoint.Info, trainer_cfg: dict[str, Any], train: bo
     if info.sharded and not model_parallel:
         raise CheckpointError(
             f"ckpt_path={info.path} is a sharded checkpoint: resume it with trainer=fsdp2 or trainer=tp (any number "
-            f"of devices), or make it one file for this trainer with `{sharded.consolidate_hint(info.path)}`"
+            f"of devices), or make it one file for this trainer with `{checkpoint.consolidate_hint(info.path)}`"
         )
     if not train:
         return

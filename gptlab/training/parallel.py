@@ -12,7 +12,7 @@
 
 `trainer=fsdp2` is the mesh (all, 1), `trainer=tp` (1, all), a 2-D run sets both sizes. The fused
 query/key/value matrix `c_attn` becomes three linears (`c_attn.q/k/v`) in every model-parallel run, so
-that heads split cleanly; sharded checkpoints hold those, `python -m gptlab.checkpoint consolidate`
+that heads split cleanly; sharded checkpoints hold those, `python -m gptlab.sharded consolidate`
 fuses them back into gptlab's single-file layout (gptlab.sharded).
 """
 
