@@ -24,8 +24,8 @@ from gptlab.run.console import job_line, summary
 from gptlab.run.job import Outcome, multirun
 from gptlab.training import LanguageModel
 from gptlab.training.callbacks import StepAxis
-from gptlab.training.spikes import find_guard, spikes_line
 from gptlab.training.parallel import check_plan
+from gptlab.training.spikes import find_guard, spikes_line
 
 FSDP1 = "gptlab.training.strategies.fsdp"
 
