@@ -40,6 +40,7 @@ from gptlab.files import atomic_write, remove_stale
 FORMAT = 1
 MODULE_PREFIX = "model."  # the LightningModule holds the model as `self.model`
 _ZIP_MAGIC = b"PK\x03\x04"
+SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
 def save(checkpoint: dict[str, Any], path: str | Path) -> Path:
@@ -63,6 +64,9 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     if path is None or str(path) == "":
         raise CheckpointError("no checkpoint given: pass ckpt_path=<run>/checkpoints/last.ckpt")
     path = Path(path).expanduser()
+    if is_sharded(path):
+        raise CheckpointError(f"{path} is a sharded checkpoint (trainer=fsdp2/tp): make it one file first with "
+                              f"`{consolidate_hint(path)}`")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -87,6 +91,27 @@ def load(path: str | Path | None, map_location: str | torch.device = "cpu", mmap
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a gptlab/Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint: a directory of shards with the rest of the checkpoint in meta.pt (gptlab.sharded)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def consolidate_hint(path: str | Path) -> str:
+    return f"python -m gptlab.sharded consolidate {path} <file>.ckpt"
+
+
+def sharded_metadata(path: str | Path) -> dict[str, Any]:
+    """meta.pt of a sharded checkpoint: everything but the weights and optimizer state (weights_only)."""
+    try:
+        meta = torch.load(Path(path) / SHARDED_META, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({SHARDED_META}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}/{SHARDED_META} is not a checkpoint's metadata")
+    return meta
 
 
 def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +141,12 @@ class Info:
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged values
     trackers: dict[str, Any] = field(default_factory=dict)
     trained_s: float | None = None  # the seconds Lightning's Timer had counted (runs with a trainer.max_time)
+    sharded: bool = False  # a directory written by a model-parallel trainer (gptlab.sharded)
+    consolidated_from: str | None = None  # weights consolidated from that sharded checkpoint: no optimizer state
 
 
 def info(path: str | Path) -> Info:
-    ckpt = load(path, mmap=True)
+    ckpt = sharded_metadata(path) if is_sharded(path) else load(path, mmap=True)
     hparams = ckpt.get("hyper_parameters") or {}
     state = ckpt.get("gptlab") or {}
     best = state.get("best_val_loss")
@@ -132,6 +159,8 @@ def info(path: str | Path) -> Info:
         metrics={k: float(v) for k, v in (state.get("metrics") or {}).items()},
         trackers=dict(state.get("trackers") or {}),
         trained_s=_timer_seconds(ckpt.get("callbacks") or {}),
+        sharded=is_sharded(path),
+        consolidated_from=state.get("consolidated_from"),
     )
 
 
@@ -212,3 +241,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load(path, map_location=map_location or "cpu")
+

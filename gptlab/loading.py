@@ -46,7 +46,8 @@ def load_model(path: str | Path, tokenizer: str | None = None):
     """(model, tokenizer) from a gptlab checkpoint file or a Hugging Face model directory
     (`tokenizer`: the directory's tokenizer when it names none, see gptlab/hf/tokenizer.py)."""
     path = Path(str(path)).expanduser()
-    if path.is_dir() or (not path.exists() and _hub_id(str(path))):
+    if (path.is_dir() and not checkpoint.is_sharded(path)) or (not path.exists() and _hub_id(str(path))):
+        # (a sharded checkpoint goes to checkpoint.load, which names the consolidate command)
         from gptlab.hf import load_hf_model
 
         return load_hf_model(path if path.is_dir() else str(path), tokenizer)

@@ -20,8 +20,8 @@ from conftest import ROOT
 
 BENCH = ROOT / "bench"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
-# the scripts that start train.py in subprocesses
-SLOW = {"bpb", "quality"}
+# the scripts that start train.py (or, memory, two ranks) in subprocesses
+SLOW = {"bpb", "quality", "memory"}
 TINY = {"gpu": ["--tiny"] if torch.cuda.is_available() else ["--tiny", "--device", "cuda"]}
 
 
@@ -83,6 +83,13 @@ def check_gpu(result, out):
         assert result["baby"]["sides"]["raw"]["ms_per_step"] > 0 and result["sample"]["speedup"] > 0
     else:
         assert result == {} and "gpu --tiny: skipped, no CUDA device here" in out
+
+
+def check_memory(result, out):
+    ddp, fsdp2 = (result["state"]["ranks"][0][k] for k in ("ddp", "fsdp2"))
+    for part in ("params", "grads", "optimizer"):  # about half on 2 ranks (shards may be padded)
+        assert 0.45 < fsdp2[part] / ddp[part] < 0.55
+    assert result["fsdp2_over_ddp"] <= 0.6 and result["activations"]["cut"] >= 2
 
 
 CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}

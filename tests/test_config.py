@@ -9,7 +9,7 @@ import math
 import hydra
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data import TokenDataModule
@@ -20,7 +20,7 @@ from gptlab.sampling import generate
 from gptlab.training.optim import OptimConfig
 
 from conftest import SHAKESPEARE
-from gptlab.config import validate_train
+from gptlab.config import RUN_SWITCHES, validate_train
 
 from inprocess import CONF, compose_config
 
@@ -38,7 +38,7 @@ def compose_train(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
 def test_model_options_compose(name):
     cfg = compose_train([f"model={name}"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert {model.pop(k) for k in ("compile", "init_from")} == {False, None}  # the run switches' defaults
+    assert {model.pop(k) for k in RUN_SWITCHES} == {False, None}  # the run switches' defaults
     model_config({**model, "vocab_size": model.get("vocab_size") or 65})  # validates every other key
 
 
@@ -60,7 +60,7 @@ def test_trainer_options_compose(name, tmp_path):
             assert trainer.strategy._process_group_backend == "gloo"
     elif "strategy" in cfg.trainer:  # GPU strategies: build the strategy object alone
         strategy = hydra.utils.instantiate(cfg.trainer.strategy)
-        assert isinstance(strategy, (DDPStrategy, FSDPStrategy))
+        assert isinstance(strategy, (DDPStrategy, FSDPStrategy, ModelParallelStrategy))
     assert cfg.trainer.num_nodes >= 1
 
 
@@ -107,7 +107,7 @@ def test_presets_state_only_their_differences():
     t = cfg.trainer
     assert cfg.data.batch_size * cfg.model.block_size * t.accumulate_grad_batches * t.devices == 491_520
     for name in options("model"):  # shapes only: the run switches are declared in conf/train.yaml
-        assert not {"compile", "init_from"} & set(OmegaConf.load(CONF / "model" / f"{name}.yaml")), name
+        assert not set(RUN_SWITCHES) & set(OmegaConf.load(CONF / "model" / f"{name}.yaml")), name
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -119,7 +119,7 @@ def test_every_experiment_composes_and_instantiates(name, data_dir, tmp_path):
     assert cfg.task_name == expected
     validate_train(cfg)
     assert isinstance(hydra.utils.instantiate(cfg.data), TokenDataModule)
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("compile", "init_from")}
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in RUN_SWITCHES}
     model_config({**model, "vocab_size": model.get("vocab_size") or 50257})
     if cfg.trainer.accelerator == "cpu":
         hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)

@@ -5,7 +5,8 @@ and a checkpoint that loads into an eager model, fused AdamW and its foreach fal
 precision with clipping, optim=muon, TF32 and pinned batches for the GPU preset, TextSample under
 compile without recompiles; Muon's Newton-Schulz in bfloat16 against torch.optim.Muon; KV-cache
 generation equal to recomputation; sample.py in bfloat16; FSDP on one GPU (a subprocess: it starts a
-process group). Tiny models and a few steps each: about two minutes, most of it inductor compiling.
+process group), FSDP1 with the activation-checkpointing switch, FSDP2 with NCCL, bf16, per-Block
+compile, activation checkpointing and Muon. Tiny models and a few steps each: about two minutes, most of it inductor compiling.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gptlab.checkpoint import COMPILE_PREFIX, model_from_checkpoint
 from gptlab.checkpoint import load as load_checkpoint
 from gptlab.models import build_model
+from gptlab.sharded import main as sharded_main
 from gptlab.sampling import generate
 from gptlab.training.muon import Muon, orthogonalize
 
@@ -376,6 +378,40 @@ def test_fsdp_on_one_gpu(tmp_path, data_dir):
     model, _ = model_from_checkpoint(ckpt, ckpt_path)  # strict: every parameter whole, by its plain name
     assert model.num_params() == build_model(dict(ckpt["hyper_parameters"]["model"])).num_params()
     texts = run_sample([f"ckpt_path={ckpt_path}", "device=cuda", "num_samples=1", "max_new_tokens=20"])
+    assert len(texts) == 1 and texts[0]
+
+
+def test_fsdp_with_the_activation_checkpointing_switch(tmp_path, data_dir):
+    """model.activation_checkpointing=true under trainer=fsdp turns on FSDP1's own checkpoint wrapper:
+    the checkpoint keeps plain parameter names and the losses are those of a run without it."""
+    losses = {}
+    for on in ("false", "true"):
+        run_dir = tmp_path / on
+        run_script("train.py", train_args(run_dir, "trainer=fsdp", "trainer.devices=1", "optim=adamw",
+                                          f"model.activation_checkpointing={on}", "trainer.max_steps=4",
+                                          "trainer.val_check_interval=4"), data_dir, timeout=600)
+        losses[on] = [v for _, v in read_scalars(run_dir / "tensorboard")["train/loss"]]
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        assert not [k for k in ckpt["state_dict"] if "_checkpoint_wrapped_module" in k]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+
+
+def test_fsdp2_nccl_bf16_compile_and_checkpointing_on_one_gpu(tmp_path, data_dir):
+    """trainer=fsdp2 on one GPU with NCCL: bf16 compute (FSDP2's param_dtype), per-Block inductor,
+    activation checkpointing, optim=muon; the sharded checkpoint consolidates into a file that samples."""
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", train_args(run_dir, "trainer=fsdp2", "trainer.devices=1",
+                                             "trainer.strategy.param_dtype=bfloat16", f"model.compile={COMPILE}",
+                                             "model.activation_checkpointing=true", "optim=muon",
+                                             "trainer.max_steps=4", "trainer.val_check_interval=2"),
+                      data_dir, timeout=900)
+    assert "distributed_backend=nccl" in proc.stdout + proc.stderr
+    losses = [v for _, v in read_scalars(run_dir / "tensorboard")["train/loss"]]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    sharded = run_dir / "checkpoints" / "last.ckpt"
+    assert (sharded / "meta.pt").is_file()
+    sharded_main(["consolidate", str(sharded), str(tmp_path / "one.ckpt")])
+    texts = run_sample([f"ckpt_path={tmp_path / 'one.ckpt'}", "device=cuda", "num_samples=1", "max_new_tokens=20"])
     assert len(texts) == 1 and texts[0]
 
 

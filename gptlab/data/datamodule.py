@@ -201,7 +201,11 @@ class TokenDataModule(L.LightningDataModule):
     # -- loaders ----------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        # the data-parallel rank: under tensor parallelism the ranks of one group read the same windows
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("rank", trainer.global_rank), kwargs.get("num_replicas", trainer.world_size)
 
     def train_dataset(self) -> TrainBatches:
         rank, world_size = self._rank()

@@ -17,7 +17,7 @@ ARCHS: dict[str, tuple[type, type]] = {"gpt": (GPT, GPTConfig), "bigram": (Bigra
 RUNTIME_KEYS = ("arch",)
 # keys of `model` that say how to run it, not what it is (conf/train.yaml declares them); checkpoints keep
 # the rest, the shape (readers drop these where a checkpoint's config carries them)
-RUN_SWITCHES = ("compile", "init_from")
+RUN_SWITCHES = ("compile", "init_from", "activation_checkpointing")
 
 
 def model_config(cfg: dict[str, Any]) -> GPTConfig | BigramConfig:

@@ -49,8 +49,9 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim) of `x`,
         normalised and rotated as attention sees them."""
-        B, T, C = x.size()
-        kv = self.n_kv_head * self.head_dim
+        B, T, _ = x.size()
+        # this rank's heads: all of them, or n_head / tp under tensor parallelism (gptlab.training.parallel)
+        C, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)
         # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -79,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             y = self._explicit(q, k, v, is_causal, mask, attention)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (this rank's heads)
         return self.resid_dropout(self.c_proj(y))
 
     @staticmethod

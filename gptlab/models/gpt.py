@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from gptlab.errors import ConfigError
 from gptlab.models.block import Block, make_norm
@@ -85,6 +86,9 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
+    # recompute each Block's activations in backward instead of keeping them (a run switch, not the shape)
+    activation_checkpointing: bool = False
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -151,8 +155,12 @@ class GPT(nn.Module):
             i = torch.arange(T, device=idx.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block_ in enumerate(self.transformer.h):
-            x = block_(x, rope, cache[i] if cache is not None else None, pos, mask, attention)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block_, x, rope, None, pos, mask, attention, use_reentrant=False)
+            else:
+                x = block_(x, rope, cache[i] if cache is not None else None, pos, mask, attention)
         return self.lm_head(self.transformer.ln_f(x))
 
     def _rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +175,7 @@ class GPT(nn.Module):
         """Empty key/value caches for incremental decoding (see gptlab.sampling.generate)."""
         weight = self.transformer.wte.weight
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
-        return [KVCache(batch_size, self.config, weight.device, dtype) for _ in self.transformer.h]
+        return [KVCache(batch_size, self.config, weight.device, dtype, b.attn.n_kv_head) for b in self.transformer.h]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; a tied head is counted once. `non_embedding` leaves out the embedding

@@ -19,8 +19,10 @@ class KVCache:
     full, each new token overwrites the oldest and the window slides by one, at no cost.
     """
 
-    def __init__(self, batch_size: int, config: GPTConfig, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    def __init__(self, batch_size: int, config: GPTConfig, device: torch.device, dtype: torch.dtype,
+                 n_kv_head: int | None = None):
+        # n_kv_head: the layer's own heads (fewer than the config's under tensor parallelism)
+        shape = (batch_size, n_kv_head or config.n_kv_head, config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 

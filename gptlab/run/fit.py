@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gptlab.checkpoint import is_sharded
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError
 from gptlab.models import RUN_SWITCHES
@@ -24,7 +25,10 @@ from gptlab.run.job import Outcome, multirun
 from gptlab.training import LanguageModel
 from gptlab.training import budget as compute_budget
 from gptlab.training.callbacks import StepAxis
+from gptlab.training.parallel import check_plan
 from gptlab.training.spikes import find_guard, spikes_line
+
+FSDP1 = "gptlab.training.strategies.fsdp"
 
 
 def instantiate_all(node: DictConfig | None, **kwargs) -> list:
@@ -78,7 +82,14 @@ def fit(cfg: DictConfig) -> Outcome:
         raise ConfigError(
             f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_plan(trainer_cfg, model_cfg)  # before any process group starts
+    strategy = cfg.trainer.get("strategy")
+    if switches["activation_checkpointing"] and isinstance(strategy, DictConfig) and strategy.get("_target_") == FSDP1:
+        strategy.activation_checkpointing = True  # FSDP1 wraps each Block in its own checkpoint wrapper
+        switches["activation_checkpointing"] = False
     if info is not None:  # before any tracker or checkpoint of that run is touched
+        resume.check_strategy(info, trainer_cfg, cfg.get("train", True))
         resume.check_compatible(info, model_cfg, tokenizer.state_dict())
     module = LanguageModel(
         model=model_cfg,
@@ -86,6 +97,7 @@ def fit(cfg: DictConfig) -> Outcome:
         tokenizer=tokenizer.state_dict(),
         seed=cfg.seed,
         compile=switches["compile"] or False,
+        activation_checkpointing=bool(switches["activation_checkpointing"]),
     )
     if switches["init_from"]:
         from gptlab.hf import load_pretrained_into
@@ -166,7 +178,7 @@ def run_trainer(cfg: DictConfig, module: LanguageModel, datamodule, loggers: lis
     if spent:
         compute_budget.log_spent(trainer, spent)
     return Outcome(metric_name, value, trainer.global_step, run_dir, best_ckpt=best or None,
-                   last_ckpt=str(last) if last.is_file() else None, seconds=time.perf_counter() - started,
+                   last_ckpt=str(last) if last.is_file() or is_sharded(last) else None, seconds=time.perf_counter() - started,
                    tokens=module.tokens_seen, rank_zero=trainer.is_global_zero,
                    pruned=pruning.pruned_at(trainer) is not None,
                    spikes=guard.events if guard is not None else None, budget=spent)

@@ -21,7 +21,7 @@ _FREE_KEYS = ("dropout",)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
+    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.is_file() or checkpoint.is_sharded(p)]
     return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
 
 
@@ -36,7 +36,7 @@ def resolve(ckpt_path: str | None, resume: str | None, output_dir: str | Path) -
     if ckpt_path is None:
         return None, Path(output_dir)
     path = Path(str(ckpt_path)).expanduser().resolve()
-    if not path.is_file():
+    if not path.is_file() and not checkpoint.is_sharded(path):
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     info = checkpoint.info(path)  # the step, config and tokenizer only; Lightning reads the weights
     return info, path.parent.parent if path.parent.name == "checkpoints" else Path(output_dir)
@@ -83,6 +83,31 @@ def check_compatible(info: checkpoint.Info, model_cfg: dict[str, Any], tokenizer
         raise CheckpointError(
             f"ckpt_path={info.path} has a different model: {pairs}; resume with the model config the run was "
             f"started with"
+        )
+
+
+def check_strategy(info: checkpoint.Info, trainer_cfg: dict[str, Any], train: bool) -> None:
+    """A sharded checkpoint resumes under a model-parallel trainer only (on any number of processes its
+    mesh allows); a single file under the others; a consolidated file holds no optimizer state."""
+    from gptlab.training.parallel import TARGET
+
+    model_parallel = (trainer_cfg.get("strategy") or {}).get("_target_") == TARGET
+    if info.sharded and not model_parallel:
+        raise CheckpointError(
+            f"ckpt_path={info.path} is a sharded checkpoint: resume it with trainer=fsdp2 or trainer=tp (any number "
+            f"of devices), or make it one file for this trainer with `{checkpoint.consolidate_hint(info.path)}`"
+        )
+    if not train:
+        return
+    if info.consolidated_from:
+        raise CheckpointError(
+            f"ckpt_path={info.path} holds weights only (consolidated from {info.consolidated_from}): resume that "
+            f"sharded checkpoint, or start from these weights with model.init_from={info.path}"
+        )
+    if model_parallel and not info.sharded:
+        raise CheckpointError(
+            f"ckpt_path={info.path} is a single-file checkpoint; trainer=fsdp2/tp resume their own sharded ones. "
+            f"Resume it with the trainer that wrote it, or start from its weights with model.init_from={info.path}"
         )
 
 

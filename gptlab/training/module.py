@@ -25,6 +25,7 @@ from gptlab.training.optim import (
     fused_by_default,
     param_groups,
 )
+from gptlab.training.parallel import ModelParallel, clip_grads_with_norm, global_grad_norm
 
 
 def time_budget(trainer: L.Trainer | None):
@@ -58,11 +59,13 @@ class LanguageModel(L.LightningModule):
         tokenizer: dict[str, Any] | None = None,
         seed: int = 1337,
         compile: bool | str = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
-        # `compile` is how this run executes, not what the checkpoint holds
-        self.save_hyperparameters(ignore=["compile"], logger=False)
+        # `compile` and `activation_checkpointing` are how this run executes, not what the checkpoint holds
+        self.save_hyperparameters(ignore=["compile", "activation_checkpointing"], logger=False)
         self.model = build_model(dict(model))
+        self.model.activation_checkpointing = bool(activation_checkpointing)
         self.optim = OptimConfig(**(optim or {}))
         self.compile_model = bool(compile)
         # compile: true uses the default backend (inductor); a string names another (e.g. aot_eager)
@@ -88,6 +91,12 @@ class LanguageModel(L.LightningModule):
 
     # -- setup ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallel) and not self._compiled:
+            # FSDP2 / tensor parallel; names are kept, but c_attn becomes c_attn.q/k/v: roles again
+            strategy.parallelize(self.model, self.compile_backend if self.compile_model else None)
+            self._roles = ParamRoles.of(self.model)
+            self._compiled = True
         if self.compile_model and not self._compiled:
             # Module.compile() compiles forward in place: the parameters keep their names, so
             # checkpoints carry no `_orig_mod.` prefixes and load into eager or compiled models alike.
@@ -107,7 +116,8 @@ class LanguageModel(L.LightningModule):
         # Dropout draws from torch's global RNG. Seeding it from (seed, rank, micro-batch) makes every
         # step reproducible on its own, so a resumed run replays exactly what an uninterrupted one
         # would have, and ranks draw different masks.
-        seed = int(np.random.SeedSequence([self.seed, self.global_rank, self.micro_step]).generate_state(1)[0])
+        # (the data-parallel rank: the ranks of a tensor-parallel group draw the same masks)
+        seed = int(np.random.SeedSequence([self.seed, self._data_parallel()[0], self.micro_step]).generate_state(1)[0])
         torch.default_generator.manual_seed(seed)  # ~100x cheaper than torch.manual_seed
         if self.device.type == "cuda":
             torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
@@ -122,7 +132,7 @@ class LanguageModel(L.LightningModule):
             )
         self.last_loss = loss.detach()  # for the spike guard
         self.micro_step += 1
-        self.tokens_seen += batch[0].numel() * self.trainer.world_size
+        self.tokens_seen += batch[0].numel() * self._data_parallel()[1]
         # Only on the steps the logger writes: each self.log call costs ~0.5 ms of Python (Lightning
         # moves its result record to the value's device every time), 2% of a small CPU model's step.
         if logged_step(self.trainer, self.global_step + 1):
@@ -132,6 +142,11 @@ class LanguageModel(L.LightningModule):
             for name, value in (counts.metrics() if counts is not None else {}).items():
                 self.log(name, value, on_step=True, on_epoch=False)  # train/tokens/<source>, train/epochs/<source>
         return loss
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(rank, size) among the ranks that read different batches."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("rank", self.global_rank), kwargs.get("num_replicas", self.trainer.world_size)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through `should_stop` at max_steps makes Lightning validate (and so checkpoint)
@@ -208,13 +223,19 @@ class LanguageModel(L.LightningModule):
 
         return isinstance(self.trainer.strategy.model, FullyShardedDataParallel)
 
+    def _model_parallel(self) -> bool:
+        return isinstance(self.trainer.strategy, ModelParallel)
+
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of this optimizer step's gradients before clipping, on the device (no host
         sync). Computed once per step: the health statistics, the spike guard and clipping share it."""
         if self._grad_norm is None:
             # the optimizer's order, as torch's clip_grad_norm_ would sum them: the same number to the last bit
             grads = [p.grad for g in self.trainer.optimizers[0].param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+            if self._model_parallel():
+                norm = global_grad_norm(grads)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
             if self._sharded():  # each rank holds a shard of every gradient
                 norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
             self._grad_norm = norm
@@ -226,6 +247,9 @@ class LanguageModel(L.LightningModule):
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
         if by_norm and self._sharded():
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif by_norm and self._model_parallel():  # DTensors on up to two meshes
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            clip_grads_with_norm(grads, gradient_clip_val, self.grad_norm())
         elif by_norm and self._grad_norm is not None:  # the norm is known already: one pass over the gradients
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
@@ -252,5 +276,7 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.micro_step = int(state.get("micro_step", 0))
         self.best_val_loss = float(state.get("best_val_loss", float("inf")))
-        # accept checkpoints of compiled models saved by other tools (`model._orig_mod.x`)
-        checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
+        # accept checkpoints of compiled models saved by other tools (`model._orig_mod.x`); a sharded
+        # checkpoint's weights went straight into the model (ModelParallelStrategy.load_checkpoint)
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])

@@ -41,6 +41,48 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.T if transposed else x).to(g.dtype)
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def orthogonalize_local(matrices: list[list[torch.Tensor]], steps: int) -> list[list[torch.Tensor]]:
+    """Each matrix (a list of row blocks) orthogonalised whole, returned in the same blocks."""
+    out = []
+    for blocks in matrices:
+        full = orthogonalize(torch.cat(blocks) if len(blocks) > 1 else blocks[0], steps)
+        out.append(list(full.split([b.size(0) for b in blocks])))
+    return out
+
+
+def orthogonalize_sharded(matrices: list[list[torch.Tensor]], steps: int) -> list[list[torch.Tensor]]:
+    """orthogonalize_local for DTensors (FSDP2, tensor parallel): each matrix gathered whole once, the
+    Newton-Schulz work spread over the ranks (rank r takes matrices r, r + W, ...) and each result
+    broadcast from its rank; every rank then keeps its own shard. The same updates as on one device."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results, pending = [], []
+    for j, blocks in enumerate(matrices):
+        full = torch.cat([b.full_tensor() if is_dtensor(b) else b for b in blocks])
+        owner = j % world
+        # contiguous: the broadcast sends the owner's memory as it lies (a transposed result would arrive scrambled)
+        full = orthogonalize(full, steps).contiguous() if owner == rank else torch.empty_like(full)
+        pending.append(dist.broadcast(full, src=owner, async_op=True))
+        results.append(full)
+    for work in pending:
+        work.wait()
+    out = []
+    for blocks, full in zip(matrices, results):
+        parts = full.split([b.size(0) for b in blocks])
+        out.append([DTensor.from_local(part, b.device_mesh, [Replicate()] * b.device_mesh.ndim, run_check=False)
+                    .redistribute(b.device_mesh, b.placements) if is_dtensor(b) else part
+                    for b, part in zip(blocks, parts)])
+    return out
+
+
 class Muon(torch.optim.Optimizer):
     """Parameter groups with `muon=True` get Muon, the others AdamW; all share `lr` and `weight_decay`
     semantics, so one LR schedule drives both.
@@ -63,7 +105,7 @@ class Muon(torch.optim.Optimizer):
     ):
         check_args(Muon, {"momentum": momentum, "ns_steps": ns_steps})  # ConfigError, a ValueError
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=tuple(betas), eps=eps, muon=False)
+                        ns_steps=ns_steps, betas=tuple(betas), eps=eps, muon=False, fuse=[])
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"]:
@@ -81,26 +123,39 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._muon_update if group["muon"] else self._adamw_update
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
-                update(p, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("Muon does not support sparse gradients")
+            if group["muon"]:
+                self._muon_step(group)
+            else:
+                for p in params:
+                    self._adamw_update(p, self.state[p], group)
         return loss
 
-    @staticmethod
-    def _muon_update(p: torch.Tensor, state: dict, group: dict) -> None:
+    def _muon_step(self, group: dict) -> None:
+        """Each matrix's momentum, orthogonalised whole. A matrix is one parameter, or several stacked
+        by rows (`group["fuse"]`: the q, k and v linears of a model-parallel run are one `c_attn`)."""
+        params = group["params"]
+        fused = [list(rows) for rows in group.get("fuse", ())]
+        alone = set(range(len(params))) - {i for rows in fused for i in rows}
+        matrices = [rows for rows in [[i] for i in sorted(alone)] + fused if all(params[i].grad is not None for i in rows)]
+        updates = {i: self._momentum(params[i], self.state[params[i]], group) for rows in matrices for i in rows}
+        ortho = orthogonalize_sharded if any(is_dtensor(u) for u in updates.values()) else orthogonalize_local
         lr, wd = group["lr"], group["weight_decay"]
+        for rows, new in zip(matrices, ortho([[updates[i] for i in rows] for rows in matrices], group["ns_steps"])):
+            scale = 0.2 * math.sqrt(max(sum(params[i].shape[0] for i in rows), params[rows[0]].shape[1]))
+            for i, u in zip(rows, new):
+                params[i].mul_(1 - lr * wd)
+                params[i].add_(u, alpha=-lr * scale)
+
+    @staticmethod
+    def _momentum(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, momentum = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - momentum)
-        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-        update = orthogonalize(update, group["ns_steps"])
-        p.mul_(1 - lr * wd)
-        p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        return p.grad.lerp(buf, momentum) if group["nesterov"] else buf
 
     @staticmethod
     def _adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:

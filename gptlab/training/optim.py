@@ -99,8 +99,11 @@ def param_groups(named: list[tuple[str, nn.Parameter]], roles: ParamRoles, cfg: 
         {"params": [p for n, p in named if n not in roles.matrices], "weight_decay": 0.0, "name": "no_decay"},
     ]
     if hidden:
-        groups.append({"params": [p for n, p in named if n in hidden], "weight_decay": cfg.weight_decay,
-                       "name": "muon", "muon": True, "lr": cfg.muon_lr or cfg.lr})
+        from gptlab.training.parallel import qkv_rows
+
+        muon = [(n, p) for n, p in named if n in hidden]
+        groups.append({"params": [p for _, p in muon], "weight_decay": cfg.weight_decay, "name": "muon",
+                       "muon": True, "lr": cfg.muon_lr or cfg.lr, "fuse": qkv_rows([n for n, _ in muon])})
     return groups
 
 

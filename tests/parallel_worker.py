@@ -1,0 +1,65 @@
+"""One rank of the multi-process tests of tests/test_parallel.py, started by torch.multiprocessing.spawn.
+
+Each rank runs a list of jobs through train.py's `train(cfg)` in this process (LOCAL_RANK & co. in the
+environment tell Lightning that the processes exist already, so it launches none); the process group
+lives across the jobs. Rank 0 first runs the single-process references, before any group exists. A
+LossProbe records every training step's loss, and at the end the logits of a fixed input (every rank
+runs that forward: a sharded model needs all of them); rank 0 writes them to <out>/results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import lightning as L
+import torch
+
+RECORDS: list[dict] = []  # one per finished job, in order
+PROBE = "+callbacks.probe._target_=parallel_worker.LossProbe"
+
+
+class LossProbe(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.manual_seed(0)
+        x = torch.randint(0, pl_module.model.config.vocab_size, (2, 16))
+        pl_module.model.eval()
+        with torch.no_grad():
+            logits = pl_module.model(x)
+        pl_module.model.train()
+        RECORDS.append({"losses": self.losses, "logits": logits.tolist(), "input": x.tolist()})
+
+
+def run_jobs(jobs: list[tuple[str, list[str]]], out: Path) -> dict:
+    from inprocess import run_train
+
+    results = {}
+    for name, overrides in jobs:
+        value = run_train([*overrides, PROBE], out / name)  # a resumed run continues in its checkpoint's directory
+        results[name] = {**RECORDS[-1], "val_loss": value}
+    return results
+
+
+def worker(rank: int, world: int, port: int, references: list, jobs: list, out: str) -> None:
+    out = Path(out)
+    try:
+        results = run_jobs(references, out) if rank == 0 else {}
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                          LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world))
+        results.update(run_jobs(jobs, out))
+        if rank == 0:
+            (out / "results.json").write_text(json.dumps(results))
+    except BaseException:
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,187 @@
+"""FSDP2, tensor parallelism, activation checkpointing, Muon on sharded weights and sharded checkpoints
+(gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
+
+One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
+and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, with Muon (the
+default experiment's optimizer) and AdamW, some with activation checkpointing, and a fsdp2 and a tp run interrupted at step 10 and resumed
+from their sharded checkpoints. float32 throughout: the losses must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gptlab import checkpoint
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.models import build_model
+from gptlab.sharded import main as sharded_main
+
+from conftest import SHAKESPEARE, TINY
+from inprocess import run_sample, run_train
+from parallel_worker import worker
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
+        "logger=none", "~callbacks.text_sample", "~callbacks.attention_maps", "~callbacks.throughput",
+        "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2"]
+LLAMA = ["model=llama_nano", "model.n_embd=32", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
+         "model.block_size=32", "model.qk_norm=true"]
+# the default experiment trains with Muon; AdamW for the Llama-style model too
+SAMPLING = [o for o in BASE if o != "~callbacks.text_sample"]  # TextSample generates on every rank: the KV cache
+MODELS = {"gpt": [], "llama": LLAMA, "adamw": [*LLAMA, "optim=adamw"]}
+DDP = ["trainer=ddp_cpu"]
+FSDP2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
+TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
+NO_CKPT = ["~callbacks.model_checkpoint"]
+AC = ["model.activation_checkpointing=true"]
+HALF = ["trainer.max_steps=10", "trainer.val_check_interval=10", f"optim.decay_steps={STEPS}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("parallel")
+    refs = [(f"ref_{m}", [*BASE, *model, *NO_CKPT]) for m, model in MODELS.items()]
+    jobs = [
+        ("ddp_gpt", [*BASE, *DDP, *NO_CKPT]),
+        ("fsdp2_gpt", [*SAMPLING, *FSDP2]),
+        ("tp_gpt", [*BASE, *TP, *AC, *NO_CKPT]),
+        ("ddp_llama", [*BASE, *LLAMA, *DDP, *NO_CKPT]),
+        ("fsdp2_llama", [*BASE, *LLAMA, *FSDP2, *AC, *NO_CKPT, "model.compile=aot_eager"]),
+        ("tp_llama", [*SAMPLING, *LLAMA, *TP]),
+        ("ddp_adamw", [*BASE, *MODELS["adamw"], *DDP, *NO_CKPT]),
+        ("fsdp2_adamw", [*BASE, *MODELS["adamw"], *FSDP2, *NO_CKPT]),
+        ("tp_adamw", [*BASE, *MODELS["adamw"], *TP, *NO_CKPT]),
+        ("fsdp2_half", [*BASE, *FSDP2, *HALF]),
+        ("tp_half", [*BASE, *LLAMA, *TP, *HALF]),
+    ]
+    # the resumed halves: ckpt_path points at the interrupted runs' sharded last.ckpt
+    jobs += [(f"{name}_resumed", [*BASE, *over, f"ckpt_path={out / f'{name}_half' / 'checkpoints' / 'last.ckpt'}"])
+             for name, over in (("fsdp2", FSDP2), ("tp", [*LLAMA, *TP]))]
+    mp.spawn(worker, args=(2, free_port(), refs, jobs, str(out)), nprocs=2, join=True)
+    return out, json.loads((out / "results.json").read_text())
+
+
+def close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
+    return len(a) == len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b)) < tol
+
+
+@pytest.mark.parametrize("model", ["gpt", "llama", "adamw"])
+def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
+    """FSDP2 on 2 processes trains as DDP on 2; TP on 2 (both ranks on one batch) as one process."""
+    _, r = runs
+    assert close(r[f"fsdp2_{model}"]["losses"], r[f"ddp_{model}"]["losses"])
+    assert close(r[f"tp_{model}"]["losses"], r[f"ref_{model}"]["losses"])
+    assert r[f"ddp_{model}"]["losses"] != r[f"ref_{model}"]["losses"]  # DDP saw twice the data
+    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.3  # it learns
+
+
+def test_resume_from_sharded_checkpoints_is_exact(runs):
+    out, r = runs
+    for name, full in (("fsdp2", "fsdp2_gpt"), ("tp", "tp_llama")):
+        half, resumed = r[f"{name}_half"], r[f"{name}_resumed"]
+        assert half["losses"] == pytest.approx(r[full]["losses"][:10], abs=1e-6)
+        assert len(resumed["losses"]) == 10
+        assert resumed["losses"] == pytest.approx(r[full]["losses"][10:], abs=1e-5)
+        assert resumed["val_loss"] == pytest.approx(r[full]["val_loss"], abs=1e-5)
+        assert torch.allclose(torch.tensor(resumed["logits"]), torch.tensor(r[full]["logits"]), atol=1e-5)
+    ckpts = out / "fsdp2_gpt" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step000020.ckpt", "last.ckpt"]  # no temporaries
+    assert sorted(p.name for p in (ckpts / "last.ckpt").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+
+
+@pytest.mark.parametrize("name", ["fsdp2_gpt", "tp_llama"])
+def test_consolidated_checkpoint_samples_and_exports(runs, name, tmp_path):
+    """The consolidated file: gptlab's format, the sharded model's logits, sample.py, Hugging Face."""
+    from gptlab.hf import export_checkpoint
+    from gptlab.hf.convert import load_hf_model
+
+    out, r = runs
+    sharded = out / name / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match="consolidate"):
+        checkpoint.load(sharded)
+    target = tmp_path / "one.ckpt"
+    sharded_main(["consolidate", str(sharded), str(target)])
+    model, _ = checkpoint.model_from_checkpoint(checkpoint.load(target), target)
+    x = torch.tensor(r[name]["input"])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), torch.tensor(r[name]["logits"]), atol=1e-5)
+    assert run_sample([f"ckpt_path={target}", "max_new_tokens=5", "num_samples=1", "prompt=ROMEO:"])[0].startswith("ROMEO:")
+    if name == "fsdp2_gpt":  # (Hugging Face's Llama has no QK-norm)
+        export_checkpoint(target, tmp_path / "hf")
+        hf, _ = load_hf_model(tmp_path / "hf")
+        with torch.no_grad():
+            assert torch.allclose(hf(x), model(x), atol=1e-5)
+    with pytest.raises(CheckpointError, match="weights only"):  # no optimizer state to resume
+        run_train([*BASE, *NO_CKPT, "trainer.max_steps=40", f"ckpt_path={target}"], tmp_path / "resume")
+
+
+def test_bad_parallel_input_is_refused_before_any_process_starts(runs, tmp_path, data_dir):
+    out, _ = runs
+    cases = [
+        ([*BASE, *TP, "model.n_head=4", "model.n_kv_head=1"], "n_kv_head=1 is not divisible"),
+        ([*BASE, *TP, "model.n_head=3", "model.n_embd=33"], "n_head=3 is not divisible"),
+        ([f"data.path={SHAKESPEARE}", "model=bigram", "logger=none", *TP], "model.arch=bigram"),
+        ([*BASE, *FSDP2, "trainer.strategy.tensor_parallel_size=3"], "multiply to the number of processes, 2"),
+        ([*BASE, *TP, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2",
+          "trainer.strategy.data_parallel_size=3"], "multiply"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_train(overrides, tmp_path / "run")
+    sharded = out / "fsdp2_gpt" / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match="python -m gptlab.sharded consolidate"):
+        run_train([*BASE, "trainer.max_steps=40", f"ckpt_path={sharded}"], tmp_path / "single")
+    with pytest.raises(CheckpointError, match="python -m gptlab.sharded consolidate"):
+        run_sample([f"ckpt_path={sharded}", "max_new_tokens=5"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    torch.manual_seed(0)
+    for cfg in ({}, {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "qk_norm": True}):
+        model = build_model(dict(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, **cfg))
+        x = torch.randint(0, 50, (2, 16))
+        calls = []
+        model.transformer.h[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        grads = []
+        for on in (False, True):
+            model.zero_grad()
+            model.activation_checkpointing = on
+            calls.clear()
+            loss = model(x).logsumexp(-1).mean()
+            loss.backward()
+            grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+            assert len(calls) == (2 if on else 1)  # recomputed in backward
+        assert grads[0][0] == grads[1][0]
+        assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_sharded_checkpoints_resume_on_another_mesh(runs, tmp_path):
+    """Shards written by 2 processes load into 1: an FSDP2 run and a TP run go on under fsdp2 alone (last:
+    it moves those runs on to step 22)."""
+    out, r = runs
+    try:
+        for name, model in (("fsdp2_gpt", []), ("tp_llama", LLAMA)):
+            ckpt = out / name / "checkpoints" / "last.ckpt"
+            value = run_train([*BASE, *model, *FSDP2, "trainer.devices=1", "trainer.max_steps=22",
+                               f"ckpt_path={ckpt}"], tmp_path / name)
+            assert value < r[name]["val_loss"] + 0.05  # it went on from the trained weights, not from scratch
+            meta = torch.load(ckpt / "meta.pt", weights_only=True)
+            assert meta["global_step"] == 22 and meta["gptlab"]["micro_step"] == 22
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
