@@ -9,12 +9,15 @@ or download.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import importlib.util
 import os
+import signal
 import threading
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,43 @@ def run_script(script: str, args: list[str], data_dir: Path, cwd: Path | None = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_after_checkpoint(run_dir: Path, args: list[str], data_dir: Path, step: int, tensorboard: bool = True,
+                          timeout: float = 240, **env: str) -> Path:
+    """Runs train.py with `args` (writing into run_dir) in a process group of its own and SIGKILLs the
+    whole group, every rank of a multi-process run, once its checkpoint of `step` is on disk; returns
+    the newest checkpoint the run left (it may have gone on a few steps before the kill landed).
+
+    With `tensorboard`, the kill also waits for the event file to be written after that checkpoint:
+    Lightning logs a step's scalars after the step's checkpoint callbacks and flushes them right after,
+    and a kill in between would lose that one point from TensorBoard (not from training)."""
+    target = run_dir / "checkpoints" / f"step{step:06d}.ckpt"
+
+    def ready() -> bool:
+        if not target.exists():  # a checkpoint is renamed into place whole
+            return False
+        events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        return not tensorboard or bool(events) and max(e.stat().st_mtime_ns for e in events) > target.stat().st_mtime_ns
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env_for(data_dir, **env),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while not ready() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            reached = ready()
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone if the run ended by itself
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert reached and proc.returncode == -signal.SIGKILL, (
+        f"the run ended ({proc.returncode}) or ran {timeout}s before it could be killed after its step-{step} "
+        f"checkpoint:\n{log.read_text()[-3000:]}")
+    return max((run_dir / "checkpoints").glob("step*.ckpt"), key=lambda p: int(p.stem[4:]))
 
 
 def train_args(run_dir: Path, *extra: str) -> list[str]:

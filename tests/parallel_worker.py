@@ -4,7 +4,8 @@ Each rank runs a list of jobs through train.py's `train(cfg)` in this process (L
 environment tell Lightning that the processes exist already, so it launches none); the process group
 lives across the jobs. Rank 0 first runs the single-process references, before any group exists. A
 LossProbe records every training step's loss, and at the end the logits of a fixed input (every rank
-runs that forward: a sharded model needs all of them); rank 0 writes them to <out>/results.json.
+runs that forward: a sharded model needs all of them) or the windows every rank trained on; rank 0
+writes them to <out>/results.json.
 """
 
 from __future__ import annotations
@@ -22,20 +23,34 @@ PROBE = "+callbacks.probe._target_=parallel_worker.LossProbe"
 
 
 class LossProbe(L.Callback):
-    def __init__(self) -> None:
+    """With `logits`, the logits of a fixed input at the end; with `windows`, the first token of every
+    training window of every rank (gathered, one list per rank)."""
+
+    def __init__(self, logits: bool = True, windows: bool = False) -> None:
         self.losses: list[float] = []
+        self.logits, self.windows = logits, windows
+        self.firsts: list[list[int]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        if self.windows:
+            self.firsts.append(batch[0][:, 0].tolist())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        torch.manual_seed(0)
-        x = torch.randint(0, pl_module.model.config.vocab_size, (2, 16))
-        pl_module.model.eval()
-        with torch.no_grad():
-            logits = pl_module.model(x)
-        pl_module.model.train()
-        RECORDS.append({"losses": self.losses, "logits": logits.tolist(), "input": x.tolist()})
+        record = {"losses": self.losses}
+        if self.windows:
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, self.firsts)
+            record["windows"] = ranks
+        if self.logits:
+            torch.manual_seed(0)
+            x = torch.randint(0, pl_module.model.config.vocab_size, (2, 16))
+            pl_module.model.eval()
+            with torch.no_grad():
+                logits = pl_module.model(x)
+            pl_module.model.train()
+            record.update(logits=logits.tolist(), input=x.tolist())
+        RECORDS.append(record)
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], out: Path) -> dict:

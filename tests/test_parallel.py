@@ -3,8 +3,10 @@
 
 One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
 and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, with Muon (the
-default experiment's optimizer) and AdamW, some with activation checkpointing, and a fsdp2 and a tp run interrupted at step 10 and resumed
-from their sharded checkpoints. float32 throughout: the losses must agree to 1e-5.
+default experiment's optimizer) and AdamW, some with activation checkpointing; a tp run interrupted at
+step 10 and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
+their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
+reads. float32 throughout: the losses must agree to 1e-5.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from gptlab import checkpoint
+from gptlab.data import TokenDataModule
+from gptlab.data.shards import write_shard
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import build_model
 from gptlab.sharded import main as sharded_main
 
-from conftest import SHAKESPEARE, TINY
+from conftest import SHAKESPEARE, TINY, kill_after_checkpoint
 from inprocess import run_sample, run_train
 from parallel_worker import worker
 
@@ -43,6 +49,25 @@ TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
 NO_CKPT = ["~callbacks.model_checkpoint"]
 AC = ["model.activation_checkpointing=true"]
 HALF = ["trainer.max_steps=10", "trainer.val_check_interval=10", f"optim.decay_steps={STEPS}"]
+# fsdp2_gpt's run as train.py runs it, with a sharded checkpoint every 4 steps: killed, then resumed
+KILLED = [*(o for o in BASE if o != "~callbacks.periodic_checkpoint"), *FSDP2,
+          "callbacks.periodic_checkpoint.every_n_train_steps=4", "callbacks.periodic_checkpoint.save_top_k=-1"]
+# two token-shard sources where token i of source s is s * MIX_N + i: a window's first token says where it starts
+MIX_N, B = 25_000, 8
+
+
+def mixture(d: Path) -> dict:
+    """data.mix of the two sources, whose shards the runs fixture writes into d."""
+    return {name: {"path": str(d / f"s{s}.bin"), "val_path": str(d / f"s{s}.bin"), "weight": w}
+            for s, (name, w) in enumerate((("a", 3), ("b", 1)))}
+
+
+def mix_job(mix: dict) -> list[str]:
+    sources = ", ".join(f"{n}: {{path: '{e['path']}', val_path: '{e['val_path']}', weight: {e['weight']}}}"
+                        for n, e in mix.items())
+    return [*(o for o in BASE if not o.startswith("data.path=")), "data.tokenizer=bpe", "data.url=null",
+            f"data.mix={{{sources}}}", "data.val_windows=4", *DDP, *NO_CKPT, "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "+callbacks.probe.logits=false", "+callbacks.probe.windows=true"]
 
 
 def free_port() -> int:
@@ -54,6 +79,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("parallel")
+    (out / "mix").mkdir()
+    for i in range(2):
+        write_shard(out / "mix" / f"s{i}.bin", np.arange(i * MIX_N, (i + 1) * MIX_N))
+    killed = kill_after_checkpoint(out / "fsdp2_killed", [*KILLED, f"hydra.run.dir={out / 'fsdp2_killed'}"], data_dir,
+                                   step=4, tensorboard=False)
     refs = [(f"ref_{m}", [*BASE, *model, *NO_CKPT]) for m, model in MODELS.items()]
     jobs = [
         ("ddp_gpt", [*BASE, *DDP, *NO_CKPT]),
@@ -65,12 +95,12 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         ("ddp_adamw", [*BASE, *MODELS["adamw"], *DDP, *NO_CKPT]),
         ("fsdp2_adamw", [*BASE, *MODELS["adamw"], *FSDP2, *NO_CKPT]),
         ("tp_adamw", [*BASE, *MODELS["adamw"], *TP, *NO_CKPT]),
-        ("fsdp2_half", [*BASE, *FSDP2, *HALF]),
         ("tp_half", [*BASE, *LLAMA, *TP, *HALF]),
+        # the resumed runs: ckpt_path points at the killed run's newest and the interrupted run's last sharded checkpoint
+        ("fsdp2_resumed", [*KILLED, f"ckpt_path={killed}"]),
+        ("tp_resumed", [*BASE, *LLAMA, *TP, f"ckpt_path={out / 'tp_half' / 'checkpoints' / 'last.ckpt'}"]),
+        ("ddp_mix", mix_job(mixture(out / "mix"))),
     ]
-    # the resumed halves: ckpt_path points at the interrupted runs' sharded last.ckpt
-    jobs += [(f"{name}_resumed", [*BASE, *over, f"ckpt_path={out / f'{name}_half' / 'checkpoints' / 'last.ckpt'}"])
-             for name, over in (("fsdp2", FSDP2), ("tp", [*LLAMA, *TP]))]
     mp.spawn(worker, args=(2, free_port(), refs, jobs, str(out)), nprocs=2, join=True)
     return out, json.loads((out / "results.json").read_text())
 
@@ -90,17 +120,42 @@ def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
 
 
 def test_resume_from_sharded_checkpoints_is_exact(runs):
+    """A fsdp2 run killed with SIGKILL after a sharded checkpoint (tp: stopped at step 10) and resumed
+    ends as the uninterrupted run."""
     out, r = runs
+    half = r["tp_half"]
+    assert half["losses"] == pytest.approx(r["tp_llama"]["losses"][:10], abs=1e-6)
     for name, full in (("fsdp2", "fsdp2_gpt"), ("tp", "tp_llama")):
-        half, resumed = r[f"{name}_half"], r[f"{name}_resumed"]
-        assert half["losses"] == pytest.approx(r[full]["losses"][:10], abs=1e-6)
-        assert len(resumed["losses"]) == 10
-        assert resumed["losses"] == pytest.approx(r[full]["losses"][10:], abs=1e-5)
+        resumed, done = r[f"{name}_resumed"], STEPS - len(r[f"{name}_resumed"]["losses"])
+        assert done in ({10} if name == "tp" else {4, 8, 12, 16})
+        assert resumed["losses"] == pytest.approx(r[full]["losses"][done:], abs=1e-5)
         assert resumed["val_loss"] == pytest.approx(r[full]["val_loss"], abs=1e-5)
         assert torch.allclose(torch.tensor(resumed["logits"]), torch.tensor(r[full]["logits"]), atol=1e-5)
+    # the killed run's directory: its periodic checkpoints and the resumed run's, no temporaries left by the kill
+    names = sorted(p.name for p in (out / "fsdp2_killed" / "checkpoints").iterdir())
+    assert names == ["best-step000020.ckpt", "last.ckpt", *(f"step{s:06d}.ckpt" for s in range(4, 21, 4))]
     ckpts = out / "fsdp2_gpt" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["best-step000020.ckpt", "last.ckpt"]  # no temporaries
     assert sorted(p.name for p in (ckpts / "last.ckpt").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+
+
+def test_ddp_ranks_draw_disjoint_windows_of_a_mixture(runs):
+    """Two gloo ranks on a mixture of shards read different windows, each rank exactly the windows the
+    data module's sampler gives it (rank 0 the ones a single process draws)."""
+    out, r = runs
+    ranks = r["ddp_mix"]["windows"]  # [rank][step]: the first token of each window
+    assert [len(w) for w in ranks] == [2, 2]
+    seen = [{t for batch in w for t in batch} for w in ranks]
+    assert len(seen[0]) == len(seen[1]) == 2 * B and not seen[0] & seen[1]
+    assert all({t // MIX_N for t in s} == {0, 1} for s in seen)  # both sources on both ranks
+    dm = TokenDataModule(path=None, url=None, mix=mixture(out / "mix"), tokenizer="bpe", block_size=32, batch_size=B)
+    dm.setup("fit")
+    for rank, trainer in ((0, None), (0, SimpleNamespace(global_rank=0, world_size=2)),
+                          (1, SimpleNamespace(global_rank=1, world_size=2))):
+        dm.trainer = trainer
+        sampler = dm.train_dataset()
+        drawn = [(src * MIX_N + start).tolist() for src, start in map(sampler.draw, range(2))]
+        assert drawn == ranks[rank]
 
 
 @pytest.mark.parametrize("name", ["fsdp2_gpt", "tp_llama"])

@@ -1,12 +1,7 @@
 """Resume: exact after SIGKILL, in the same run directory and TensorBoard run; a requeued finished run is a
 no-op; a checkpoint that does not fit the config is refused before anything of its run is touched."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +10,7 @@ import torch
 from gptlab import checkpoint
 from gptlab.errors import CheckpointError
 
-from conftest import ROOT, SHAKESPEARE, TINY, env_for, read_scalars, run_script, train_args
+from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars, run_script, train_args
 from inprocess import run_train
 
 pytestmark = pytest.mark.slow  # a SIGKILL'd train.py subprocess and its resume
@@ -29,28 +24,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
     run_train([f"data.path={SHAKESPEARE}", *TINY, *RESUME_ARGS], reference)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(crashed, *RESUME_ARGS)],
-                            cwd=ROOT, env=env_for(data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = crashed / "checkpoints" / "step000012.ckpt"
-
-    def flushed_after_checkpoint() -> bool:
-        # Lightning writes a step's scalars after the checkpoint callbacks of that step and flushes them
-        # right after; a kill in between would lose that one point from TensorBoard (not from training)
-        events = list((crashed / "tensorboard").glob("events.out.tfevents.*"))
-        return target.exists() and bool(events) and max(e.stat().st_mtime_ns for e in events) > target.stat().st_mtime_ns
-
-    deadline = time.time() + 240
-    while not flushed_after_checkpoint() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = max(int(p.stem[4:]) for p in (crashed / "checkpoints").glob("step*.ckpt"))
-    assert 12 <= killed_at < 40
+    newest = kill_after_checkpoint(crashed, train_args(crashed, *RESUME_ARGS), data_dir, step=12)
+    assert 12 <= int(newest.stem[4:]) < 40
 
     # resume that checkpoint from a new invocation: it continues in its own run directory, and the new
     # invocation's directory does not stay behind (its config is kept in the run's .hydra/resumed-*/)
-    newest = max((crashed / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
     stray = tmp_path / "stray"
     run_script("train.py", train_args(stray, *RESUME_ARGS, f"ckpt_path={newest}"), data_dir)
     assert not stray.exists()

@@ -1,10 +1,9 @@
 """Token shards read as they are (llm.c / modded-nanogpt headers, nanoGPT's raw files) and weighted
 mixtures of sources: the reader's checks, windows and shard boundaries, a run from shards equal to the
 same tokens prepared from text, mixture draws by weight, per-source validation in TensorBoard and CSV,
-and a resumed mixture run equal to an uninterrupted one."""
+and a mixture run killed with SIGKILL and resumed equal to an uninterrupted one."""
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from gptlab.errors import ConfigError, DataError
 from gptlab.report.collect import read_job
 from gptlab.report.write import text_table
 
-from conftest import SHAKESPEARE, TINY, read_scalars
+from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars
 from inprocess import run_train
 
 SHORT = [*TINY, "data.tokenizer=bpe", "data.url=null", "data.val_windows=16", "callbacks.text_sample.max_new_tokens=4"]
@@ -155,8 +154,7 @@ def test_mixture_settings_are_checked(tmp_path, shakespeare_shards):
         prepare({"a": play}, tokenizer="char")
 
 
-MIX_ARGS = [*SHORT, "logger=[tensorboard,csv]", "trainer.max_steps=8", "trainer.val_check_interval=4",
-            "callbacks.periodic_checkpoint.every_n_train_steps=4", "callbacks.periodic_checkpoint.save_top_k=-1"]
+MIX_ARGS = [*SHORT, "logger=[tensorboard,csv]", "trainer.max_steps=8", "trainer.val_check_interval=4"]
 
 
 def mix_override(d, play_weight=3):
@@ -164,7 +162,8 @@ def mix_override(d, play_weight=3):
             f"back: {{path: '{d}/back_train_*.bin', val_path: '{d}/back_val_000000.bin', weight: 1}}}}")
 
 
-def test_mixture_run_validates_each_source_and_resumes_exactly(tmp_path, shakespeare_shards):
+@pytest.mark.slow  # a SIGKILL'd train.py subprocess
+def test_mixture_run_validates_each_source_and_resumes_exactly_after_sigkill(tmp_path, data_dir, shakespeare_shards):
     reference = tmp_path / "reference"
     run_train([mix_override(shakespeare_shards), *MIX_ARGS], reference)
     tb = read_scalars(reference / "tensorboard")
@@ -181,17 +180,22 @@ def test_mixture_run_validates_each_source_and_resumes_exactly(tmp_path, shakesp
     table = text_table([read_job(reference)])  # the sweep report's table: each source's final loss
     assert "val/loss/back" in table and f"{back:.4f}" in table
 
-    # a run stopped after its step-4 checkpoint (as if killed) and resumed ends as the uninterrupted one
+    # train.py killed with SIGKILL after a periodic checkpoint, resumed from it: the uninterrupted run
     crashed = tmp_path / "crashed"
-    (crashed / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference / "checkpoints" / "step000004.ckpt", crashed / "checkpoints")
-    run_train([mix_override(shakespeare_shards), *MIX_ARGS, f"ckpt_path={crashed / 'checkpoints' / 'step000004.ckpt'}"],
-              tmp_path / "elsewhere")
+    periodic = ["callbacks.periodic_checkpoint.every_n_train_steps=2", "callbacks.periodic_checkpoint.save_top_k=-1"]
+    newest = kill_after_checkpoint(crashed, [mix_override(shakespeare_shards), *MIX_ARGS, *periodic,
+                                             f"hydra.run.dir={crashed}"], data_dir, step=2)
+    resumed_at = int(newest.stem[4:])
+    assert 2 <= resumed_at < 8
+    run_train([mix_override(shakespeare_shards), *MIX_ARGS, *periodic, f"ckpt_path={newest}"], tmp_path / "elsewhere")
     got = read_scalars(crashed / "tensorboard")
-    assert [s for s, _ in got["train/loss"]] == [4, 5, 6, 7]
-    np.testing.assert_allclose([v for _, v in got["train/loss"]], [v for _, v in tb["train/loss"][4:]], rtol=0, atol=1e-6)
-    for tag in ("val/loss", "val/loss/play", "val/loss/back", "train/tokens/play", "train/tokens/back"):
+    assert [s for s, _ in got["train/loss"]] == list(range(8))  # every step once, in the killed run's TensorBoard run
+    np.testing.assert_allclose([v for _, v in got["train/loss"]], [v for _, v in tb["train/loss"]], rtol=0, atol=1e-6)
+    for tag in ("val/loss", "val/loss/play", "val/loss/back"):
         assert got[tag][-1][1] == pytest.approx(tb[tag][-1][1], abs=1e-6)
+    # the batches drawn before and after the resume: each step's tokens from each source, as without the kill
+    for tag in ("train/tokens/play", "train/tokens/back"):
+        assert got[tag] == tb[tag] and len(tb[tag]) == 8
     state = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)["TokenDataModule"]
     assert state["next_train_batch"] == 8 and sum(state["source_tokens"].values()) == 8 * 8 * 32
 
