@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import importlib.util
 import os
+import shutil
 import signal
 import threading
 import subprocess
@@ -210,6 +211,24 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "char"
     run_train([f"data.path={SHAKESPEARE}", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"], run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store made by MLflow once: making one runs its schema migrations, seconds
+    that every test writing to MLflow would pay again (`mlflow_store` copies it)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def mlflow_store(template: Path, directory: Path) -> str:
+    """`directory`/mlflow.db, where gptlab's MLflow logger writes by default, as a copy of the template: its URI."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, directory / "mlflow.db")
+    return f"sqlite:///{directory / 'mlflow.db'}"
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

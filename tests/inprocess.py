@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -70,6 +71,14 @@ def run_train(overrides: list[str], output_dir: Path) -> float | None:
 
 def run_sample(overrides: list[str]) -> list[str]:
     return script("sample").sample(compose_config(overrides, config_name="sample"))
+
+
+def run_main_captured(args: list[str], name: str = "train") -> tuple[int, str, str]:
+    """`run_main`, with what it printed: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_main(args, name)
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_main(args: list[str], name: str = "train") -> int:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from conftest import SHAKESPEARE, TINY, read_scalars, run_script
+from conftest import SHAKESPEARE, TINY, read_scalars
+from inprocess import run_main_captured
 from gptlab.errors import ConfigError
 from gptlab.report import build_report, mark_failed
 from gptlab.report.__main__ import main as cli
@@ -30,13 +31,13 @@ ROPE = "model.pos=rope"
 def sweep(tmp_path_factory, data_dir) -> Path:
     """9 jobs: seeds 1-3 of the base, of model.pos=rope and of model.n_head=5 (fails: 32 channels)."""
     sweep_dir = tmp_path_factory.mktemp("ablation") / "sweep"
-    proc = run_script("train.py", [
+    code, _, err = run_main_captured([
         f"data.path={SHAKESPEARE}", *TINY, "~callbacks.attention_maps", "callbacks.text_sample.max_new_tokens=4",
         "hparams_search=ablation", "budget.tokens=2048", "trainer.val_check_interval=4", "optim=adamw",
         "optim.warmup_steps=0", f'hydra.sweeper.changes=["{ROPE}","model.n_head=5"]', "hydra.sweeper.seeds=3",
-        f"hydra.sweep.dir={sweep_dir}"], data_dir, check=False)
-    assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep tally: 3 jobs failed
-    assert "[gptlab] 9 jobs: 6 finished, 3 failed" in proc.stderr and "Traceback" not in proc.stderr
+        f"hydra.sweep.dir={sweep_dir}"])
+    assert code == 1, err[-3000:]  # the sweep tally: 3 jobs failed
+    assert "[gptlab] 9 jobs: 6 finished, 3 failed" in err and "Traceback" not in err
     return sweep_dir
 
 

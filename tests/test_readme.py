@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, run_script
-from inprocess import run_sample, run_train
+from conftest import ROOT, SHAKESPEARE, TINY
+from inprocess import run_main, run_sample, run_train
 
-pytestmark = pytest.mark.slow  # the sweep runs as a subprocess
 
 STEPS = ["trainer.max_steps=2", "trainer.val_check_interval=2", "~callbacks.attention_maps",
          "callbacks.text_sample.max_new_tokens=4"]
@@ -47,7 +46,7 @@ def test_readme_is_short_and_has_a_quickstart():
     assert programs[:3] == ["python train.py", "tensorboard --logdir", "python sample.py"], programs
 
 
-def test_quickstart_commands_run(tmp_path, data_dir):
+def test_quickstart_commands_run(tmp_path, data_dir, monkeypatch):
     ran = []
     for cmd in quickstart_commands():
         args = [resolve(a, tmp_path) for a in cmd]
@@ -55,8 +54,10 @@ def test_quickstart_commands_run(tmp_path, data_dir):
             run_dir = tmp_path / "outputs" / "train" / "runs" / "2026-01-01_00-00-00"
             run_train([*args[2:], f"data.path={SHAKESPEARE}", *TINY, *STEPS], run_dir)
             assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-        elif args[:2] == ["python", "train.py"]:  # a sweep: a multirun, as its own process
-            run_script("train.py", [*args[2:], f"data.path={SHAKESPEARE}", *TINY, *STEPS], data_dir, cwd=tmp_path)
+        elif args[:2] == ["python", "train.py"]:  # a sweep: a multirun with its sweeper, launcher and callbacks
+            monkeypatch.chdir(tmp_path)
+            assert run_main([*args[2:], f"data.path={SHAKESPEARE}", *TINY, *STEPS]) == 0
+            monkeypatch.chdir(ROOT)
             (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
             assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1"]
             assert all((job / "DONE").is_file() for job in sweep.iterdir() if job.name.isdigit())

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, SHAKESPEARE, TINY, env_for, run_script
+from conftest import SHAKESPEARE, TINY
+from inprocess import run_main_captured
 from gptlab.errors import ConfigError
 from gptlab.report import build_report, mark_done, mark_failed, report, sweep_name
 from gptlab.report.__main__ import main as cli
@@ -25,12 +24,13 @@ def sweep(tmp_path_factory, data_dir) -> Path:
     """Two Optuna trials of 4 steps each: optim.lr and model.n_layer searched, the rest fixed."""
     sweep_dir = tmp_path_factory.mktemp("report") / "sweep"
     tiny = [a for a in TINY if not a.startswith("model.n_layer=")]
-    run_script("train.py", [
+    code, _, err = run_main_captured([
         "-m", f"data.path={SHAKESPEARE}", *tiny, "hparams_search=optuna",
         "hydra.sweeper.n_trials=2", "model.n_layer=choice(1,2)", "model.dropout=0.0",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=4",
         f"hydra.sweep.dir={sweep_dir}", "+hydra.callbacks.report._target_=gptlab.report.SweepReport",
-    ], data_dir)
+    ])
+    assert code == 0, err[-3000:]
     return sweep_dir
 
 
@@ -103,12 +103,10 @@ def test_report_files_and_statuses(copy):
 
 
 def test_cli_prints_the_table_and_writes_files(copy, data_dir, capsys):
-    proc = subprocess.run([sys.executable, "-m", "gptlab.report", str(copy)], cwd=ROOT, env=env_for(data_dir),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("optim.lr=") == 2
-    assert "best val/loss" in proc.stdout and "wrote report.md, report.csv, val_loss.png" in proc.stdout
-    assert "Traceback" not in proc.stderr
+    cli([str(copy)])
+    out = capsys.readouterr().out
+    assert out.count("optim.lr=") == 2
+    assert "best val/loss" in out and "wrote report.md, report.csv, val_loss.png" in out
     # a path without runs: one line
     empty = copy / "empty"
     empty.mkdir()

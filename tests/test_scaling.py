@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, TINY, read_scalars, run_script
+from conftest import SHAKESPEARE, TINY, read_scalars
+from inprocess import run_main_captured
 from gptlab.errors import ConfigError
 from gptlab.report.scaling import Point, fit
 from gptlab.run.grids import isoflop_jobs
@@ -75,10 +76,11 @@ def test_a_tiny_isoflop_sweep_end_to_end(tmp_path, data_dir):
     """2 budgets x 3 depths of a tiny char model: each job trains the steps its budget buys (its
     FLOPs spent within one step of the budget), and the report fits and draws what it can."""
     sweep = tmp_path / "isoflop"
-    run_script("train.py", [
+    code, _, err = run_main_captured([
         f"data.path={SHAKESPEARE}", *TINY, "~callbacks.attention_maps", "callbacks.text_sample.max_new_tokens=4",
         "hparams_search=isoflop", "hydra.sweeper.budgets=[1e9,2e9]", "hydra.sweeper.depths=[1,2,3]",
-        "trainer.val_check_interval=1000", "optim=adamw", "optim.warmup_steps=0", f"hydra.sweep.dir={sweep}"], data_dir)
+        "trainer.val_check_interval=1000", "optim=adamw", "optim.warmup_steps=0", f"hydra.sweep.dir={sweep}"])
+    assert code == 0, err[-3000:]
     jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == 6
     for job in jobs:

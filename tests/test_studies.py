@@ -15,7 +15,8 @@ import optuna
 import pytest
 import yaml
 
-from conftest import ROOT, env_for, run_script
+from conftest import ROOT, env_for
+from inprocess import run_main
 from test_sweeps import DIVERGE, FINE, assert_failed_and_finished, jobs, sweep_args
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,14 @@ def counted(trials) -> list:
     return [t for t in trials if not t.system_attrs.get("gptlab_killed") and not t.system_attrs.get("gptlab_surplus")]
 
 
-def test_optuna_study_survives_a_diverging_trial(tmp_path, data_dir):
+def test_optuna_study_survives_a_diverging_trial(tmp_path, data_dir, capfd):
     sweep_dir = tmp_path / "optuna"
-    proc = run_script("train.py", optuna_args(sweep_dir, 4, f"optim.lr=choice({DIVERGE},{FINE})", "seed=7"),
-                      data_dir, check=False)
+    code = run_main(optuna_args(sweep_dir, 4, f"optim.lr=choice({DIVERGE},{FINE})", "seed=7"))
+    err = capfd.readouterr().err
     trials = study(sweep_dir).trials
     states = sorted(t.state.name for t in trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"], states  # seed 7 draws each value twice
-    assert proc.returncode == 1 and "4 jobs: 2 finished, 2 failed" in proc.stderr, proc.stderr[-3000:]
+    assert code == 1 and "4 jobs: 2 finished, 2 failed" in err, err[-3000:]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_params"] == {"optim.lr": float(FINE)} and math.isfinite(results["best_value"])
     job_dirs = jobs(sweep_dir)
@@ -89,11 +90,11 @@ def test_two_sweepers_share_one_study(tmp_path, data_dir):
     assert all((sweep_dir / str(t.number) / "DONE").is_file() for t in done)
 
 
-def test_a_study_given_a_run_directory_says_to_give_a_sweep_directory(tmp_path, data_dir):
+def test_a_study_given_a_run_directory_says_to_give_a_sweep_directory(tmp_path, data_dir, capfd):
     """hparams_search=optuna is a multirun by itself: hydra.run.dir would be ignored, so it is refused."""
     run_dir = tmp_path / "run"
-    proc = run_script("train.py", ["hparams_search=optuna", f"hydra.run.dir={run_dir}"], data_dir, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"Error: this is a sweep (multirun): hydra.run.dir={run_dir} is not used; give hydra.sweep.dir=<dir> instead" \
-        in proc.stderr.splitlines()
+    code = run_main(["hparams_search=optuna", f"hydra.run.dir={run_dir}"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and err == [f"Error: this is a sweep (multirun): hydra.run.dir={run_dir} is not used; "
+                                 "give hydra.sweep.dir=<dir> instead"], err
     assert not run_dir.exists()

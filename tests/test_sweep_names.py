@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import SHAKESPEARE, TINY
+from conftest import SHAKESPEARE, TINY, mlflow_store
 from inprocess import run_main
 from test_optuna import free_port, get_json, start_server, stop
 from test_sweeps import QUICK
@@ -22,16 +22,14 @@ NAMES = {f"optim.lr={lr},model.n_layer={n}" for lr in ("0.001", "0.003") for n i
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, data_dir):
+def grid(tmp_path_factory, data_dir, mlflow_template):
     """(the log directory, the URL of `mlflow server` on its MLflow store, the server's process). The
     server starts first (it takes seconds to come up) on the store the grid's jobs then write to, which
     is made first: the server and the jobs would both create its tables."""
-    from mlflow.tracking import MlflowClient
-
     root = tmp_path_factory.mktemp("names")
-    MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()
+    uri = mlflow_store(mlflow_template, root)
     port = free_port()
-    server = start_server("mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+    server = start_server("mlflow", "server", "--backend-store-uri", uri,
                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1")
     saved = dict(os.environ)
     tiny = [a for a in TINY if not a.startswith("model.n_layer=")]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHAKESPEARE, TINY, run_script
+from conftest import SHAKESPEARE, TINY, mlflow_store, run_script
+from inprocess import run_main
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +42,24 @@ def assert_failed_and_finished(job_dirs: dict[str, Path]) -> None:
             assert math.isfinite(yaml.safe_load((job / "DONE").read_text())["value"])
 
 
-def test_a_diverging_job_is_recorded_and_the_grid_goes_on(tmp_path, data_dir):
-    """Jobs of the basic launcher run one after another in one process: a failure must not end the sweep,
+def test_a_diverging_job_is_recorded_and_the_grid_goes_on(tmp_path, data_dir, monkeypatch, capfd, mlflow_template):
+    """Jobs of the basic launcher run one after another in one process (here the test's): a failure must
+    not end the sweep,
     and each job's W&B and MLflow runs are its own (finished between jobs), named by its overrides and
     marked failed or finished."""
     from mlflow.tracking import MlflowClient
     from test_tracking import wandb_runs
 
     sweep_dir = tmp_path / "grid"
-    proc = run_script("train.py", sweep_args(sweep_dir, f"optim.lr={DIVERGE},{FINE}", "logger=[tensorboard,wandb,mlflow]",
-                                             f"paths.log_dir={tmp_path}"),
-                      data_dir, check=False, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert "[gptlab] 2 jobs: 1 finished, 1 failed (#0 non-finite training loss" in proc.stderr
+    uri = mlflow_store(mlflow_template, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code = run_main(sweep_args(sweep_dir, f"optim.lr={DIVERGE},{FINE}", "logger=[tensorboard,wandb,mlflow]",
+                               f"paths.log_dir={tmp_path}"))
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "[gptlab] 2 jobs: 1 finished, 1 failed (#0 non-finite training loss" in err
     job_dirs = jobs(sweep_dir)
     assert list(job_dirs) == ["0", "1"]
     assert_failed_and_finished(job_dirs)
@@ -63,7 +68,7 @@ def test_a_diverging_job_is_recorded_and_the_grid_goes_on(tmp_path, data_dir):
     names = [f"optim.lr={float(DIVERGE):g}", f"optim.lr={float(FINE):g}"]  # as Hydra writes the swept floats
     assert [r[0]["name"].split(",")[-1] for r in runs] == names
     assert [r[0]["exit_code"] for r in runs] == [1, 0]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("gptlab").experiment_id])
     assert {r.info.run_name.split(",")[-1]: r.info.status for r in found} == {names[0]: "FAILED", names[1]: "FINISHED"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHAKESPEARE, TINY, read_scalars
+from conftest import SHAKESPEARE, TINY, mlflow_store, read_scalars
 from hydra.core.hydra_config import HydraConfig
 from inprocess import compose_config, run_train
 
@@ -115,10 +115,11 @@ def test_tensorboard_and_csv_together(tmp_path, data_dir):
 
 
 # -- W&B and MLflow: one run, failed, then resumed ------------------------------------------------
-def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offline):
+def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offline, mlflow_template):
     import wandb
     from mlflow.tracking import MlflowClient
 
+    uri = mlflow_store(mlflow_template, tmp_path)
     common = ["logger=[csv,wandb,mlflow]", "optim.lr=2e-3"]
     # the first half trains 6 steps, checkpoints, then fails (an unknown optimized_metric)
     with pytest.raises(ConfigError, match="never logged"):
@@ -128,7 +129,6 @@ def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offl
     ids = checkpoint.info(ckpt).trackers
     assert set(ids) == {"wandb", "mlflow"}
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     assert client.get_run(ids["mlflow"]).info.status == "FAILED"
     (first,) = wandb_runs(tmp_path)
@@ -187,8 +187,9 @@ def test_logger_config_that_does_not_instantiate_is_one_line(tmp_path):
         tracking.build_loggers(cfg, "run")
 
 
-def test_resume_into_another_mlflow_store_is_one_line(tmp_path):
+def test_resume_into_another_mlflow_store_is_one_line(tmp_path, mlflow_template):
     """A checkpoint's MLflow run that is not in this store (another log_dir): an error, not a forked run."""
+    mlflow_store(mlflow_template, tmp_path)
     cfg = compose_config(["logger=mlflow", f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}"])
     elsewhere = checkpoint.Info(path=tmp_path / "last.ckpt", step=6, model={}, tokenizer=None,
                                 trackers={"mlflow": "0" * 32})
