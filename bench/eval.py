@@ -13,7 +13,12 @@ the process held before scoring (sampled every 5 ms); and the weights' bytes of 
 Items: --task hellaswag (the official file, in $GPTLAB_DATA_DIR/eval/), the path of a task file, or by
 default made-up HellaSwag-shaped items (a ~60-token context and four ~25-token endings).
 
-    python bench/eval.py                         # GPT-2 124M shape, 200 made-up items
+Timing: after a warm-up of both on the first few items, `--repeats` rounds each score all items with
+both scorers, alternating which goes first, so that a change in the machine's load falls on both; the
+seconds are each scorer's median, the ratio the median of the rounds' ratios (their range is printed).
+The defaults (64 items, 3 rounds) are sized for a few minutes on a 2-core CPU.
+
+    python bench/eval.py                         # GPT-2 124M shape, 64 made-up items, 3 rounds
     python bench/eval.py --task hellaswag --items 1000 --device cuda
     python bench/eval.py --tiny                  # a smoke run of seconds (the test suite runs it)
 
@@ -23,12 +28,15 @@ Writes bench/results/eval.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import _common  # noqa: F401  (sys.path and the tiktoken cache)
 from _common import machine_info, machine_line, table, write_results
@@ -85,32 +93,34 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed(fn, device: torch.device, repeats: int, warm_up: bool = True):
-    """(median seconds, the last result, peak memory bytes) of `fn()` over `repeats` runs after a warm-up."""
-    if warm_up:
-        fn()
-    seconds, result, peak = [], None, 0
-    for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            started = time.perf_counter()
-            result = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - started)
-        peak = max(peak, mem.peak)
-    return statistics.median(seconds), result, peak
+def rounds(scorers: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, dict]:
+    """Each scorer run `repeats` times, the scorers taking turns (round r starts with scorer r mod n):
+    per scorer its seconds of each round, its last result and its peak memory bytes over the rounds."""
+    names = list(scorers)
+    out = {name: {"seconds": [], "result": None, "peak": 0} for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with PeakMemory(device) as mem:
+                started = time.perf_counter()
+                out[name]["result"] = scorers[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                out[name]["seconds"].append(time.perf_counter() - started)
+            out[name]["peak"] = max(out[name]["peak"], mem.peak)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default=None, help="hellaswag, lambada or a .jsonl task file (default: made-up items)")
-    p.add_argument("--items", type=int, default=200)
+    p.add_argument("--items", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward of the harness")
     p.add_argument("--native-batch-size", type=int, default=None,
                    help="items per forward of the native scorer (default: --batch-size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of both scorers over all items")
+    p.add_argument("--warm-up-items", type=int, default=8, help="items each scorer scores once before timing")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--n-head", type=int, default=12)
@@ -119,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.tiny:
         args.items, args.n_layer, args.n_embd, args.n_head, args.repeats, args.batch_size = 8, 1, 16, 2, 1, 4
+        args.warm_up_items = 0
     native_batch = args.native_batch_size or args.batch_size
 
     from lm_eval.api.instance import Instance
@@ -146,11 +157,20 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = [(item.context, task.continuation(c)) for item in task.items for c in item.choices]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
-    with torch.inference_mode():
-        native_s, native, native_mem = timed(lambda: score_task(model, tokenizer, task, native_batch), device,
-                                             args.repeats, not args.tiny)
-    harness_s, harness, harness_mem = timed(lambda: hf.loglikelihood(requests, disable_tqdm=True), device,
-                                            args.repeats, not args.tiny)
+    def native_on(t):
+        with torch.inference_mode():
+            return score_task(model, tokenizer, t, native_batch)
+
+    warm = sum(len(item.choices) for item in task.items[:args.warm_up_items])
+    if warm:  # first calls pay for allocations and kernel choices
+        native_on(dataclasses.replace(task, items=task.items[:args.warm_up_items]))
+        hf.loglikelihood(requests[:warm], disable_tqdm=True)
+    timed = rounds({"native": lambda: native_on(task),
+                    "harness": lambda: hf.loglikelihood(requests, disable_tqdm=True)}, device, args.repeats)
+    native_s, harness_s = (statistics.median(timed[k]["seconds"]) for k in ("native", "harness"))
+    native, harness = timed["native"]["result"], timed["harness"]["result"]
+    native_mem, harness_mem = timed["native"]["peak"], timed["harness"]["peak"]
+    ratios = [h / n for h, n in zip(timed["harness"]["seconds"], timed["native"]["seconds"])]
     ours = [s[0] for item_scores in native for s in item_scores]
     diff = max(abs(a - b[0]) for a, b in zip(ours, harness))
     n = len(task.items)
@@ -161,14 +181,17 @@ def main(argv: list[str] | None = None) -> dict:
             ["harness hf", f"{n / harness_s:.1f}", f"{harness_s:.3f}", f"{harness_mem / 2**20:.1f}",
              f"{weights['harness'] / 2**20:.1f}"]]
     print(table(["scorer", "items/s", "seconds", "peak MiB", "weights MiB"], rows))
-    ratio = harness_s / native_s
+    ratio = statistics.median(ratios)
     print(f"[bench] {n} items ({len(pairs)} continuations) on {device} ({args.dtype}): native/harness items/s "
-          f"= {ratio:.2f}x (goal >= 1.5x), peak memory {native_mem / 2**20:.1f} vs {harness_mem / 2**20:.1f} MiB; "
+          f"= {ratio:.2f}x (goal >= 1.5x; {len(ratios)} rounds, {min(ratios):.2f}x..{max(ratios):.2f}x), "
+          f"peak memory {native_mem / 2**20:.1f} vs {harness_mem / 2**20:.1f} MiB; "
           f"max |log-likelihood difference| {diff:.2e}")
     result = {"machine": info, "args": vars(args), "items": n, "continuations": len(pairs),
-              "native": {"seconds": native_s, "items_per_s": n / native_s, "peak_bytes": native_mem},
-              "harness": {"seconds": harness_s, "items_per_s": n / harness_s, "peak_bytes": harness_mem},
-              "speedup": ratio, "max_abs_ll_diff": diff, "weights_bytes": weights}
+              "native": {"seconds": native_s, "items_per_s": n / native_s, "peak_bytes": native_mem,
+                         "round_seconds": timed["native"]["seconds"]},
+              "harness": {"seconds": harness_s, "items_per_s": n / harness_s, "peak_bytes": harness_mem,
+                          "round_seconds": timed["harness"]["seconds"]},
+              "speedup": ratio, "round_speedups": ratios, "max_abs_ll_diff": diff, "weights_bytes": weights}
     print(f"[bench] wrote {write_results('eval', result, args.out)}")
     return result
 

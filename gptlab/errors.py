@@ -34,6 +34,8 @@ class LossSpikeError(GptlabError):
 def user_error(exc: BaseException | None) -> GptlabError | None:
     """The GptlabError behind `exc`, looking through the wrapping of Hydra's instantiate and Lightning's
     hooks; a Lightning MisconfigurationException counts as one too (it names a bad setting)."""
+    if isinstance(exc, GptlabError):  # the common case, without importing Lightning
+        return exc
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     seen = 0

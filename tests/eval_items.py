@@ -27,3 +27,46 @@ def native(ckpt: Path, tasks: list[Path]) -> dict[str, dict]:
 
     model, tok = load_model(ckpt)
     return {p.stem: evaluate_task(model, tok, load_task(str(p)), batch_size=3) for p in tasks}
+
+
+def rank_of_a_failing_eval(rank: int, world: int, store: str, task: str, out: str) -> None:
+    """One rank of a gloo group (started by tests/test_ddp.py) where rank 1 alone fails, as a rank of
+    `callbacks=eval` under DDP would: first its task file is missing (read as the callback is built,
+    decided together in its setup), then its share of the scoring raises. Writes what this rank raised
+    at each step, and the items a last, clean gather joined, to <out>/rank<r>.json."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gptlab.errors import DataError
+    from gptlab.eval.ranks import agree, shard
+    from gptlab.eval.tasks import load_task
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    seen = []
+
+    def step(fn) -> None:
+        try:
+            fn()
+            seen.append(None)
+        except Exception as e:
+            seen.append(f"{type(e).__name__}: {e}")
+
+    built = None
+    try:
+        load_task(task if rank == 0 else task + ".missing")
+    except DataError as e:
+        built = e
+    step(lambda: agree(built, world))
+
+    def score(indices: list[int]) -> list:
+        if rank == 1:
+            raise DataError("a share that cannot be scored")
+        return [[(float(i), True, 1)] for i in indices]
+
+    gather = shard(rank, world)
+    step(lambda: gather(5, score))
+    joined = gather(5, lambda indices: [[(float(i), True, 1)] for i in indices])  # the group still works
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"seen": seen, "joined": [s[0][0] for s in joined]}))

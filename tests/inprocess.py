@@ -51,20 +51,21 @@ def kept_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def train_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config `python train.py <overrides>` would run with, in the run directory `output_dir`."""
+def train_config(overrides: list[str], output_dir: Path, log_dir: Path | None = None) -> DictConfig:
+    """The config `python train.py <overrides>` would run with, in the run directory `output_dir`
+    (`paths.log_dir`: `log_dir`, by default the run directory too)."""
     cfg = compose_config(overrides, hydra_cfg=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as @hydra.main passes it: the Hydra node lives in HydraConfig
         cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir)
+        cfg.paths.log_dir = str(log_dir or output_dir)
     return cfg
 
 
-def run_train(overrides: list[str], output_dir: Path) -> float | None:
+def run_train(overrides: list[str], output_dir: Path, log_dir: Path | None = None) -> float | None:
     """train.train(cfg) as `python train.py <overrides>` would run it, in the run directory `output_dir`."""
-    cfg = train_config(overrides, output_dir)
+    cfg = train_config(overrides, output_dir, log_dir)
     with kept_environ():
         return script("train").train(cfg)
 

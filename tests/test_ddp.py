@@ -131,6 +131,45 @@ def test_ddp_eval_callback_gives_one_process_numbers(ddp_run, eval_tasks):
             assert scalars[f"eval/{task}/{name}"][-1][1] == pytest.approx(m["value"], rel=1e-5), (task, name)
 
 
+def test_an_eval_failing_on_one_rank_stops_every_rank(tmp_path, eval_tasks, monkeypatch):
+    """callbacks=eval's ranks (gptlab.eval.ranks) in a real 2-process gloo group where rank 1 alone fails
+    (its task file missing, then its share of the scoring raising): every rank raises at the same step,
+    naming rank 1, and none waits at a collective for it."""
+    import multiprocessing
+
+    from eval_items import rank_of_a_failing_eval
+
+    from gptlab.errors import DataError
+    from gptlab.eval.callback import DownstreamEval
+
+    # a task file that cannot be read stops a single process as the callback is built; one rank of a
+    # launch keeps the error for its setup, where every rank raises together (checked below)
+    missing = str(eval_tasks[0]) + ".missing"
+    with pytest.raises(DataError, match="task file not found"):
+        DownstreamEval([missing])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert isinstance(DownstreamEval([missing]).error, DataError)
+
+    ctx = multiprocessing.get_context("spawn")
+    ranks = [ctx.Process(target=rank_of_a_failing_eval, args=(r, 2, str(tmp_path / "store"), str(eval_tasks[0]),
+                                                             str(tmp_path))) for r in range(2)]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join(timeout=120)
+    hung = [proc.pid for proc in ranks if proc.is_alive()]
+    for proc in ranks:
+        if proc.is_alive():
+            proc.kill()
+    assert not hung, "a rank waits for the one that failed"
+    seen = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)}
+    assert seen[1]["seen"][0] == f"DataError: task file not found: {missing}"
+    assert seen[0]["seen"][0] == f"DataError: callbacks=eval failed on rank 1: task file not found: {missing}"
+    assert seen[1]["seen"][1] == "DataError: a share that cannot be scored"
+    assert seen[0]["seen"][1] == "DataError: callbacks=eval failed on rank 1: a share that cannot be scored"
+    assert seen[0]["joined"] == seen[1]["joined"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 def test_ddp_checkpoint_loads_and_samples(ddp_run, data_dir):
     run_dir, _ = ddp_run
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

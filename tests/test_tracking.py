@@ -4,6 +4,7 @@ together, read back with each tool's own reader; resume continues the same W&B a
 from __future__ import annotations
 
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -94,24 +95,73 @@ def test_run_name_is_the_overrides_without_the_noise():
     assert name(["experiment=shakespeare_char", "seed=1"]) == "experiment=shakespeare_char,seed=1"
 
 
-# -- CSV and TensorBoard together ----------------------------------------------------------------
+def test_the_view_of_single_runs_links_each_run_once(tmp_path):
+    """naming.link_in_view outside training: a run keeps its first link, a taken place gets a count,
+    event files outside the log directory (or that the view would hold) get none, and a view that cannot
+    be made is a warning."""
+    from gptlab.run.naming import link_in_view
+
+    HydraConfig().set_config(compose_config([], hydra_cfg=True))  # a single run
+    runs = [tmp_path / task / "runs" / "2026-12-03_10-00-00" for task in ("train", "other")]
+    for run in runs:
+        (run / "tensorboard").mkdir(parents=True)
+        link_in_view(run / "tensorboard", "a/b", run, tmp_path)
+    link_in_view(runs[0] / "tensorboard", "resumed", runs[0], tmp_path)  # a resume by another name
+    view = tmp_path / "tensorboard"
+    links = {str(p.relative_to(view)): p.resolve() for p in view.glob("*/*")}
+    assert links == {"a_b/2026-12-03_10-00-00": runs[0] / "tensorboard", "a_b/2026-12-03_10-00-00 (2)": runs[1] / "tensorboard"}
+    assert all(p.is_symlink() and not Path(os.readlink(p)).is_absolute() for p in view.glob("*/*"))  # movable
+
+    link_in_view(runs[0] / "tensorboard", "x", runs[0], tmp_path / "elsewhere")  # not under paths.log_dir
+    link_in_view(runs[0] / "tensorboard", "x", runs[0], runs[0])  # the view would be the event directory
+    assert not (tmp_path / "elsewhere").exists() and not (runs[0] / "tensorboard" / "x").exists()
+    blocked = tmp_path / "blocked"
+    (blocked / "run" / "tensorboard").mkdir(parents=True)
+    (blocked / "tensorboard").write_text("")  # a file where the view would go
+    with pytest.warns(UserWarning, match="no TensorBoard view"):
+        link_in_view(blocked / "run" / "tensorboard", "x", blocked / "run", blocked)
+
+
+# -- CSV and TensorBoard together; TensorBoard's view of single runs -------------------------------
+def tensorboard_view(log_dir: Path) -> dict[str, dict[str, list[int]]]:
+    """What `tensorboard --logdir <log_dir>/tensorboard` lists, read by TensorBoard's own reader: each
+    run's name and the steps of its scalars."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer(size_guidance={"scalars": 0})
+    mux.AddRunsFromDirectory(str(log_dir / "tensorboard"))
+    mux.Reload()
+    return {run: {tag: [e.step for e in mux.Scalars(run, tag)] for tag in tags["scalars"]}
+            for run, tags in mux.Runs().items()}
+
+
 def test_tensorboard_and_csv_together(tmp_path, data_dir):
     import pandas as pd
     from test_precision import hparams_plugin
 
-    run_train(overrides(data_dir, "logger=[tensorboard,csv]", "optim.lr=2e-3"), tmp_path)
-    metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    first = tmp_path / "train" / "runs" / "2026-12-03_10-00-00"
+    run_train(overrides(data_dir, "logger=[tensorboard,csv]", "optim.lr=2e-3"), first, log_dir=tmp_path)
+    metrics = pd.read_csv(first / "csv" / "metrics.csv")
     train = metrics.dropna(subset=["train/loss"])
     assert train["step"].tolist() == list(range(6))
     val = metrics.dropna(subset=["val/loss"])
     assert val["step"].tolist() == [2, 5]
     # both trackers got the same numbers
-    scalars = read_scalars(tmp_path / "tensorboard")
+    scalars = read_scalars(first / "tensorboard")
     assert [v for _, v in scalars["val/loss"]] == pytest.approx(val["val/loss"].tolist())
-    assert yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())["optim/lr"] == 2e-3
+    assert yaml.safe_load((first / "csv" / "hparams.yaml").read_text())["optim/lr"] == 2e-3
     # TensorBoard's HPARAMS tab names the run by its overrides
-    run = hparams_plugin(tmp_path / "tensorboard")["hparams"]["run"]
+    run = hparams_plugin(first / "tensorboard")["hparams"]["run"]
     assert "optim.lr=2e-3" in run and "data.path" not in run
+
+    # a second run of the same log directory; <log_dir>/tensorboard lists both by name, then date
+    second = tmp_path / "train" / "runs" / "2026-12-03_10-05-00"
+    run_train(overrides(data_dir), second, log_dir=tmp_path)
+    shared = ",".join(o for o in TINY + QUICK if not o.startswith(("~", "callbacks")))  # the rest is noise
+    view = tensorboard_view(tmp_path)
+    assert set(view) == {f"{shared},optim.lr=2e-3/{first.name}", f"{shared}/{second.name}"}
+    assert all(s["train/loss"] == list(range(6)) and s["val/loss"] == [2, 5] for s in view.values())
+    assert run == f"{shared},optim.lr=2e-3"  # HPARAMS' run column: the same name
 
 
 # -- W&B and MLflow: one run, failed, then resumed ------------------------------------------------
@@ -119,24 +169,25 @@ def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offl
     import wandb
     from mlflow.tracking import MlflowClient
 
-    uri = mlflow_store(mlflow_template, tmp_path)
-    common = ["logger=[csv,wandb,mlflow]", "optim.lr=2e-3"]
+    uri = mlflow_store(mlflow_template, tmp_path)  # the log directory's store
+    common = ["logger=[csv,wandb,mlflow,tensorboard]", "optim.lr=2e-3"]
+    run_dir = tmp_path / "run"  # in the log directory tmp_path
     # the first half trains 6 steps, checkpoints, then fails (an unknown optimized_metric)
     with pytest.raises(ConfigError, match="never logged"):
-        run_train(overrides(data_dir, *common, "optimized_metric=val/nope"), tmp_path)
+        run_train(overrides(data_dir, *common, "optimized_metric=val/nope"), run_dir, log_dir=tmp_path)
     assert wandb.run is None  # finish() closed it: the next job of a multirun gets a run of its own
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
     ids = checkpoint.info(ckpt).trackers
     assert set(ids) == {"wandb", "mlflow"}
 
     client = MlflowClient(uri)
     assert client.get_run(ids["mlflow"]).info.status == "FAILED"
-    (first,) = wandb_runs(tmp_path)
+    (first,) = wandb_runs(run_dir)
     assert first["id"] == ids["wandb"] and first["exit_code"] == 1
     assert "optim.lr=2e-3,optimized_metric=val/nope" in first["name"] and first["config"]["optim/lr"] == 2e-3
 
     # the second half resumes it to 10 steps
-    run_train(overrides(data_dir, *common, f"ckpt_path={ckpt}", "trainer.max_steps=10"), tmp_path)
+    run_train(overrides(data_dir, *common, f"ckpt_path={ckpt}", "trainer.max_steps=10"), run_dir, log_dir=tmp_path)
     assert wandb.run is None
     assert checkpoint.info(ckpt).trackers == ids
 
@@ -149,7 +200,7 @@ def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offl
     assert len(client.search_runs([run.info.experiment_id])) == 1  # appended, not forked
 
     # W&B offline: one file per session, both of the same run id, together steps 0..9
-    halves = wandb_runs(tmp_path)
+    halves = wandb_runs(run_dir)
     assert [h["id"] for h in halves] == [ids["wandb"]] * 2 and halves[1]["exit_code"] == 0
     steps = [r["trainer/global_step"] for h in halves for r in h["history"] if "train/loss" in r]
     assert steps == list(range(10))
@@ -159,8 +210,12 @@ def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offl
     # CSV keeps the first half's rows and appends the second's, each step once
     import pandas as pd
 
-    metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
     assert metrics.dropna(subset=["train/loss"])["step"].tolist() == list(range(10))
+
+    # TensorBoard's view keeps the run once, under the name it started with (the resume's differs; "/" is "_")
+    ((name, scalars),) = tensorboard_view(tmp_path).items()
+    assert name.endswith(",optim.lr=2e-3,optimized_metric=val_nope/run") and scalars["train/loss"] == list(range(10))
 
 
 # -- a tracker that is not installed -------------------------------------------------------------

@@ -8,6 +8,7 @@ callback. docs/evaluation.md has the commands and the metrics' definitions.
     cli       python -m gptlab.eval (conf/eval.yaml)
     harness   the lm_eval.api.model.LM adapter (pip install -e ".[eval]")
     callback  scoring tasks during training (conf/callbacks/eval.yaml)
+    ranks     its split of the items under DDP, and one decision for every rank when one fails
 """
 
 from gptlab.eval.metrics import evaluate_task, score_task

@@ -7,11 +7,15 @@ tracker, to the checkpoint's metrics, and for `optimized_metric=eval/hellaswag/a
 each rank scores every world_size-th item and the scores are gathered into item order, so the numbers
 are one process's. The count of validations travels in the checkpoint: a resumed run evaluates at the
 validations the uninterrupted run would have, and its earlier points stay where they were logged.
+
+Under DDP every rank takes the same decision (gptlab.eval.ranks): a rank whose share of the scoring
+raised, or that could not read its task files or encode their items, makes every rank raise at that
+point, so none waits at a collective for a rank that left. Outside a distributed launch a bad task
+stops the run as the callback is built, before anything is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -19,29 +23,10 @@ import torch
 
 from gptlab.data.tokenizers import tokenizer_from_state
 from gptlab.errors import ConfigError
-from gptlab.eval.metrics import NAMES, Scores, evaluate_task, requests_for
+from gptlab.eval.metrics import NAMES, evaluate_task, requests_for
+from gptlab.eval.ranks import agree, launched, shard
 from gptlab.eval.scoring import check
 from gptlab.eval.tasks import Task, load_task
-
-
-def shard(rank: int, world: int) -> Callable[[int], tuple[list[int], Callable[[Scores], Scores]]] | None:
-    """The DDP split of a task's items: (this rank's item indices, a join of every rank's scores)."""
-    if world <= 1:
-        return None
-
-    def split(n: int):
-        def join(local: Scores) -> Scores:
-            parts: list[Any] = [None] * world
-            torch.distributed.all_gather_object(parts, local)
-            out: list[Any] = [None] * n
-            for r, part in enumerate(parts):
-                for i, scores in zip(range(r, n, world), part):
-                    out[i] = scores
-            return out
-
-        return list(range(rank, n, world)), join
-
-    return split
 
 
 class DownstreamEval(L.Callback):
@@ -56,8 +41,16 @@ class DownstreamEval(L.Callback):
             raise ConfigError(f"callbacks.eval.every_n_validations={every_n_validations!r}: must be >= 1")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"callbacks.eval.batch_size={batch_size!r}: must be >= 1")
-        # read (and fetch) the items now: a bad task stops the run before it trains
-        self.tasks: list[Task] = [load_task(str(t), limit, hellaswag_style, download, data_dir) for t in tasks]
+        # read (and fetch) the items now: a bad task stops the run before it trains (one rank of a
+        # launch says so in setup, with the others)
+        self.tasks: list[Task] = []
+        self.error: Exception | None = None
+        try:
+            self.tasks = [load_task(str(t), limit, hellaswag_style, download, data_dir) for t in tasks]
+        except Exception as e:
+            if not launched():
+                raise
+            self.error = e
         self.every = every_n_validations
         self.batch_size = batch_size
         self.validations = 0
@@ -70,10 +63,15 @@ class DownstreamEval(L.Callback):
 
         if isinstance(trainer.strategy, FSDPStrategy):  # the scorer calls the model's blocks one by one
             raise ConfigError("callbacks=eval needs the whole model on each device: use DDP (trainer=ddp), not FSDP")
-        if pl_module.hparams.get("tokenizer"):
+        error = self.error
+        if error is None and pl_module.hparams.get("tokenizer"):
             tokenizer = tokenizer_from_state(pl_module.hparams["tokenizer"])
-            for task in self.tasks:
-                check(requests_for(task, tokenizer), pl_module.model.config.block_size, task.name)
+            try:
+                for task in self.tasks:
+                    check(requests_for(task, tokenizer), pl_module.model.config.block_size, task.name)
+            except Exception as e:
+                error = e
+        agree(error, trainer.world_size)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -88,13 +88,12 @@ def aggregate(per_item: dict[str, list[float]]) -> dict[str, dict[str, float | N
 
 
 def evaluate_task(model, tokenizer, task: Task, batch_size: int = 16,
-                  gather: Callable[[list[int]], tuple[list[int], Callable[[Scores], Scores]]] | None = None
+                  gather: Callable[[int, Callable[[list[int]], Scores]], Scores] | None = None
                   ) -> dict[str, dict[str, float | None]]:
-    """The task's metrics. `gather(n_items)`: (this process's item indices, a function that joins every
-    process's scores back into item order): under DDP each rank scores its share."""
+    """The task's metrics. `gather(n_items, score)`: every process's scores in item order, where
+    `score(indices)` scores this process's share (under DDP each rank scores its share)."""
     if gather is None:
         scores = score_task(model, tokenizer, task, batch_size)
     else:
-        indices, join = gather(len(task.items))
-        scores = join(score_task(model, tokenizer, task, batch_size, indices))
+        scores = gather(len(task.items), lambda indices: score_task(model, tokenizer, task, batch_size, indices))
     return aggregate(item_metrics(task, scores))

@@ -79,29 +79,53 @@ def sweep_name(run_dir: str | os.PathLike) -> str:
     return run_name(job_overrides(run_dir), launch_overrides(run_dir.parent), run_dir.name)
 
 
-def link_in_sweep_view(log_dir: Path, name: str) -> None:
-    """In a multirun, `<sweep dir>/tensorboard/<name>` links to this job's event files, so that
-    `tensorboard --logdir <sweep dir>/tensorboard` lists each job by what varies (its own directory is
-    named by its number). A name another job of the sweep took gets this job's number: `<name> (3)`."""
-    from hydra.core.hydra_config import HydraConfig
-    from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+def link_in_view(event_dir: Path, name: str, run_dir: Path, log_dir: str | os.PathLike) -> None:
+    """TensorBoard's run list by this rule: links named after the run to its event files, which stay in
+    its own directory (`<run>/tensorboard/`, where resume and the report read them).
 
-    if not multirun() or rank_zero_only.rank != 0:
+    * a job of a multirun: `<sweep dir>/tensorboard/<name>`, so `tensorboard --logdir <sweep dir>/tensorboard`
+      lists each job by what varies; a name another job took gets the job's number: `<name> (3)`;
+    * a single run: `<log_dir>/tensorboard/<name>/<run dir's name>` (its start time by default), so
+      `tensorboard --logdir <log_dir>/tensorboard` lists every run as `<name>/<date>`, the repeats of one
+      experiment side by side; a place another run took gets a count: `<date> (2)`.
+
+    Rank 0 only. No link for event files outside the view's root (logger.tensorboard.save_dir or
+    hydra.run.dir set elsewhere), nor where the view would hold them; a run that has a link keeps it (a
+    resumed run, whose overrides and so its name may differ); without symlinks, a warning."""
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
         return
-    sweep, log_dir = Path(HydraConfig.get().sweep.dir).resolve(), log_dir.resolve()
-    if not log_dir.is_relative_to(sweep):
-        return  # event files outside the sweep directory (logger.tensorboard.save_dir set elsewhere)
-    view, job = sweep / "tensorboard", log_dir.relative_to(sweep).parts[0]
-    base = name.replace(os.sep, "_")[:200]
-    for link in (view / base, view / f"{base} ({job})"):
-        try:
-            view.mkdir(parents=True, exist_ok=True)
-            if link.is_symlink() and link.resolve() == log_dir:
-                return  # this job's, from before a resume
-            link.symlink_to(os.path.relpath(log_dir, view))
-            return
-        except FileExistsError:
-            continue
-        except OSError as e:  # a filesystem without symlinks: the view is a convenience
-            rank_zero_warn(f"no TensorBoard view of the sweep ({e})")
-            return
+    root = Path(HydraConfig.get().sweep.dir if multirun() else log_dir).resolve()
+    # one directory name (at most 255 bytes), with room for a count
+    base = name.replace(os.sep, "_").encode()[:240].decode(errors="ignore")
+    view, event_dir = root / "tensorboard", event_dir.resolve()
+    if not event_dir.is_relative_to(root) or event_dir.is_relative_to(view) or view.is_relative_to(event_dir):
+        return
+    if multirun():
+        places = [base, f"{base} ({run_dir.name})"]
+    else:
+        places = [f"{base}/{run_dir.name}", *(f"{base}/{run_dir.name} ({n})" for n in range(2, 10))]
+    _link(view, places, event_dir)
+
+
+def _link(view: Path, places: list[str], target: Path) -> None:
+    """A relative link to `target` at the first free one of `places` (paths under `view`, all as deep),
+    unless a link there already leads to `target`."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    depth = "/".join(["*"] * len(Path(places[0]).parts))
+    try:
+        if view.is_dir() and any(link.is_symlink() and link.resolve() == target for link in view.glob(depth)):
+            return  # this run's, from before a resume
+        for place in places:
+            link = view / place
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                link.symlink_to(os.path.relpath(target, link.parent))
+                return
+            except FileExistsError:
+                continue
+    except OSError as e:  # a filesystem without symlinks: the view is a convenience
+        rank_zero_warn(f"no TensorBoard view of this run ({e})")
