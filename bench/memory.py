@@ -61,7 +61,7 @@ def model_of(size: dict[str, Any]):
     return build_model({k: v for k, v in size.items() if k != "batch"})
 
 
-def state_rank(rank: int, world: int, port: int, size: dict) -> dict[str, Any]:
+def state_rank(rank: int, world: int, port: int, size: dict, kind: str) -> dict[str, Any]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
@@ -69,41 +69,43 @@ def state_rank(rank: int, world: int, port: int, size: dict) -> dict[str, Any]:
 
     from gptlab.training.parallel import parallelize
 
-    result = {}
-    for kind in ("ddp", "fsdp2"):
-        model = model_of(size)
-        if kind == "ddp":
-            wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True)
-        else:
-            mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            parallelize(model, mesh)
-            wrapped = model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        x = torch.randint(0, size["vocab_size"], (size["batch"], size["block_size"]))
-        wrapped(x).float().logsumexp(-1).mean().backward()
-        optimizer.step()
-        params = list(model.parameters())
-        states = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        result[kind] = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
-                        "optimizer": local_bytes(states),
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        del wrapped, model, optimizer
+    model = model_of(size)
+    if kind == "ddp":
+        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    else:
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        parallelize(model, mesh)
+        wrapped = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    x = torch.randint(0, size["vocab_size"], (size["batch"], size["block_size"]))
+    wrapped(x).float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    params = list(model.parameters())
+    states = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    result = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+              "optimizer": local_bytes(states),
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     dist.barrier()
     dist.destroy_process_group()
     return result
 
 
 def training_state(which: str, world: int = 2) -> dict[str, Any]:
-    """Each rank a fresh process (this script with --rank), its figures back as JSON."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--port",
-                                   str(port), "--size", which, "--out", f"{tmp}/{r}.json"]) for r in range(world)]
-        if any(p.wait(timeout=900) for p in procs):
-            raise RuntimeError("a rank of the training-state measurement failed")
-        ranks = {r: json.loads(Path(f"{tmp}/{r}.json").read_text()) for r in range(world)}
+    """Each strategy's ranks fresh processes (this script with --rank), so that each peak RSS is its own;
+    their figures back as JSON: {"ranks": {rank: {strategy: figures}}}."""
+    ranks: dict[int, dict[str, Any]] = {r: {} for r in range(world)}
+    for kind in ("ddp", "fsdp2"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--port",
+                                       str(port), "--size", which, "--kind", kind, "--out", f"{tmp}/{r}.json"])
+                     for r in range(world)]
+            if any(p.wait(timeout=900) for p in procs):
+                raise RuntimeError(f"a rank of the {kind} training-state measurement failed")
+            for r in range(world):
+                ranks[r][kind] = json.loads(Path(f"{tmp}/{r}.json").read_text())
     return {"world": world, "params": model_of(SIZES[which]).num_params(), "ranks": ranks}
 
 
@@ -132,9 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--world", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank is not None:
-        result = state_rank(args.rank, args.world, args.port, SIZES[args.size])
+        result = state_rank(args.rank, args.world, args.port, SIZES[args.size], args.kind)
         Path(args.out).write_text(json.dumps(result))
         return result
     which = "tiny" if args.tiny else "full"
