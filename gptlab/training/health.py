@@ -9,8 +9,9 @@ and per optimizer group (`group_<name>`):
     update_ratio/<part>   RMS of the step's update / RMS of the weights (AdamW's and Muon's groups alike)
     act_rms/block<i>      RMS of each block's output
     attn_logit_max/block<i>  the largest pre-softmax attention score of each layer
-Activations and attention scores come from forward hooks registered on the sampled step only and
-removed when its forward pass ends; other steps pay nothing for them and never wait for the device.
+Activations come from forward hooks, attention scores from each layer's own queries and keys (its `qkv`
+wrapped), both on the sampled step only and removed when its forward pass ends; other steps pay nothing
+for them and never wait for the device.
 Weight and gradient histograms go to TensorBoard every `histograms_every_n_validations` validations.
 """
 
@@ -36,16 +37,19 @@ def logged_step(trainer: L.Trainer, step: int) -> bool:
     return step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps
 
 
-def max_attention_logit(attn: CausalSelfAttention, x: torch.Tensor, rope: Any) -> torch.Tensor:
-    """The largest causal q.k / sqrt(d) of one attention layer on input `x`, in slices of the batch."""
-    q, k, _ = attn.qkv(x, rope)
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    T = q.size(2)
-    keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    chunk = max(1, (1 << 24) // (q.size(1) * T * T))  # at most ~16M scores at once
-    best = [((q[i:i + chunk] @ k[i:i + chunk].transpose(-2, -1)).float().masked_fill(~keep, -math.inf).amax())
+def max_attention_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The largest causal q.k / sqrt(d) of queries (B, n_head, T, d) and keys (B, n_kv_head, T, d), as float32.
+    The query heads that share a key head are stacked along time, so keys are never repeated, and the
+    causal mask is added inside the product (baddbmm): one pass over the scores, in slices of the batch."""
+    B, H, T, d = q.shape
+    groups, rep = k.size(1), H // k.size(1)
+    q = q.reshape(B * groups, rep * T, d)
+    k = k.reshape(B * groups, T, d).transpose(1, 2)
+    hidden = torch.full((T, T), -math.inf, dtype=q.dtype, device=q.device).triu(1).repeat(rep, 1)
+    chunk = max(1, (1 << 24) // (rep * T * T))  # at most ~16M scores at once
+    best = [torch.baddbmm(hidden, q[i:i + chunk], k[i:i + chunk], alpha=1 / math.sqrt(d)).amax()
             for i in range(0, q.size(0), chunk)]
-    return torch.stack(best).amax() / math.sqrt(q.size(-1))
+    return torch.stack(best).amax().float()
 
 
 class TrainingHealth(L.Callback):
@@ -118,22 +122,34 @@ class TrainingHealth(L.Callback):
             self._hooks.append(block.register_forward_hook(self._activation_hook(f"act_rms/block{i}")))
             attn = next((a for a in block.modules() if isinstance(a, CausalSelfAttention)), None)
             if attn is not None:
-                self._hooks.append(attn.register_forward_hook(self._attention_hook(f"attn_logit_max/block{i}")))
+                self._wrap_qkv(attn, f"attn_logit_max/block{i}")
 
     def _activation_hook(self, key: str):
         def hook(module, args, output):
-            self._found[key] = output.detach().float().square().mean().sqrt()
+            out = output.detach()
+            self._found[key] = torch.linalg.vector_norm(out, dtype=torch.float32) / math.sqrt(out.numel())
         return hook
 
-    def _attention_hook(self, key: str):
-        def hook(module, args, output):
+    def _wrap_qkv(self, attn: CausalSelfAttention, key: str) -> None:
+        """For this forward pass, the layer's queries and keys pass through `attn_logit_max`: the scores
+        come from the projection the layer computes anyway (a forward hook would have to redo it)."""
+        qkv = attn.qkv
+
+        def wrapped(x, rope=None):
+            q, k, v = qkv(x, rope)
             with torch.no_grad():
-                self._found[key] = max_attention_logit(module, args[0].detach(), args[1] if len(args) > 1 else None)
-        return hook
+                self._found[key] = max_attention_logit(q.detach(), k.detach())
+            return q, k, v
+
+        attn.qkv = wrapped  # an instance attribute: it hides the method until remove_hooks deletes it
+        self._hooks.append(attn)
 
     def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
+        for hook in self._hooks:
+            if isinstance(hook, CausalSelfAttention):
+                del hook.qkv
+            else:
+                hook.remove()
         self._hooks.clear()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
