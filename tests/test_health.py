@@ -201,6 +201,7 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     # 2 CPU processes, rank 1 alone sees the corrupted batch: both skip that step, weights stay equal
     run_dir = tmp_path / "ddp"
     run_script("train.py", train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=10", *GUARD,
+                                      "callbacks.health.interval=5",
                                       "callbacks.spikes.policy=skip", PROBE, "+callbacks.probe.corrupt_step=8",
                                       "+callbacks.probe.corrupt_rank=1"), data_dir, PYTHONPATH=str(Path(__file__).parent))
     ranks = [probe_record(run_dir, r) for r in (0, 1)]
@@ -210,3 +211,6 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     assert ranks[0]["final"] == ranks[1]["final"]
     done = json.loads((run_dir / "DONE").read_text())
     assert [(e["step"], e["action"]) for e in done["spikes"]] == [(8, "skip")]
+    # the sampled steps' statistics, over both ranks' batches, reached the tracker (no rank waited alone)
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["attn_logit_max/block0"]] == [s for s, _ in scalars["act_rms/block1"]] == [4, 9]

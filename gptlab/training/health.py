@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gptlab.models.block import CausalSelfAttention
 from gptlab.schema import Positive, check_args
 from gptlab.training.optim import plain_name
+from gptlab.training.parallel import local_part, shard_copies
 
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)(?:\.|$)")
 
@@ -99,16 +100,21 @@ class TrainingHealth(L.Callback):
             group_names = [f"group_{g.get('name', i)}" for i, g in enumerate(trainer.optimizers[0].param_groups)]
             self._parts = {"params": params, "names": block_names + group_names,
                            "block": torch.tensor(blocks, device=device),
-                           "group": torch.tensor(groups, device=device) + len(block_names)}
+                           "group": torch.tensor(groups, device=device) + len(block_names),
+                           # FSDP2 / tensor parallel: each rank's shards, summed over the ranks, count once
+                           "copies": torch.tensor([shard_copies(p) for p in params], dtype=torch.float32, device=device)
+                           if pl_module._model_parallel() else None}
         return self._parts
 
     def _per_part(self, pl_module: L.LightningModule, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Summed squares of `tensors` (one per parameter) per block, then per group."""
+        """Summed squares of `tensors` (one per parameter, or its shard on this rank) per block, then per group."""
         parts = self._parts
-        squares = torch.stack(torch._foreach_norm(tensors)).float().square()
+        squares = torch.stack(torch._foreach_norm([local_part(t) for t in tensors])).float().square()
+        if parts["copies"] is not None:
+            squares = squares / parts["copies"]
         out = torch.zeros(len(parts["names"]), device=squares.device)
         out.index_add_(0, parts["block"], squares).index_add_(0, parts["group"], squares)
-        if pl_module._sharded():  # every rank holds a shard of each parameter
+        if pl_module._sharded() or parts["copies"] is not None:  # every rank holds a shard of each parameter
             out = pl_module.trainer.strategy.reduce(out, reduce_op="sum")
         return out
 
@@ -126,12 +132,12 @@ class TrainingHealth(L.Callback):
 
     def _activation_hook(self, key: str):
         def hook(module, args, output):
-            out = output.detach()
-            self._found[key] = torch.linalg.vector_norm(out, dtype=torch.float32) / math.sqrt(out.numel())
+            out = local_part(output.detach())  # its mean square here, the root once the ranks are averaged
+            self._found[key] = torch.linalg.vector_norm(out, dtype=torch.float32).square() / out.numel()
         return hook
 
     def _wrap_qkv(self, attn: CausalSelfAttention, key: str) -> None:
-        """For this forward pass, the layer's queries and keys pass through `attn_logit_max`: the scores
+        """For this forward pass, the layer's queries and keys go to `max_attention_logit`: the scores
         come from the projection the layer computes anyway (a forward hook would have to redo it)."""
         qkv = attn.qkv
 
@@ -147,13 +153,16 @@ class TrainingHealth(L.Callback):
     def remove_hooks(self) -> None:
         for hook in self._hooks:
             if isinstance(hook, CausalSelfAttention):
-                del hook.qkv
+                vars(hook).pop("qkv", None)
             else:
                 hook.remove()
         self._hooks.clear()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self.remove_hooks()  # the forward pass is over (activation checkpointing would rerun it in backward)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.remove_hooks()  # a run that failed inside a sampled forward pass leaves a plain model behind
 
     # -- every step: the gradient norm; sampled steps: norms and a snapshot for the update ratio --
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -171,7 +180,7 @@ class TrainingHealth(L.Callback):
         params = [p for p in parts["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._found["grad"], self._found["param"] = self._per_part(pl_module, grads), self._per_part(pl_module, params)
-        self._before = [p.detach().clone() for p in params]
+        self._before = [local_part(p.detach()).clone() for p in params]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -195,14 +204,20 @@ class TrainingHealth(L.Callback):
         names, values = [], []
         dropped = any(getattr(c, "dropped_step", None) == trainer.global_step - 1 for c in trainer.callbacks)
         if not dropped:  # a skipped or rolled-back step has no update of its own
-            delta = torch._foreach_sub([p.detach() for p in parts["params"]], self._before)
+            delta = torch._foreach_sub([local_part(p.detach()) for p in parts["params"]], self._before)
             ratio = (self._per_part(pl_module, delta) / found["param"].clamp(min=1e-30)).sqrt()
             names += [f"update_ratio/{n}" for n in parts["names"]]
             values.append(ratio)
         names += [f"grad_norm/{n}" for n in parts["names"]] + [f"param_norm/{n}" for n in parts["names"]]
         values += [found.pop("grad").sqrt(), found.pop("param").sqrt()]
-        names += list(found)
-        values += [torch.stack(list(found.values())).float()] if found else []
+        for prefix, reduce_op in (("act_rms/", "mean"), ("attn_logit_max/", "max")):
+            keys = [k for k in found if k.startswith(prefix)]
+            if keys:  # over all ranks: their batches (DDP, FSDP) or their heads (tensor parallel)
+                value = torch.stack([found[k] for k in keys])
+                if trainer.world_size > 1:
+                    value = trainer.strategy.reduce(value, reduce_op=reduce_op)
+                names += keys
+                values.append(value.sqrt() if prefix == "act_rms/" else value)
         self._before = None
         self._found = {}
         return dict(zip(names, torch.cat([v.flatten() for v in values]).tolist()))
