@@ -24,6 +24,7 @@ on this CPU with the same number of threads. Say which when quoting an MFU.
     python bench/train_throughput.py --preset baby --batch 12
     python bench/train_throughput.py --sweep-defaults        # CPU defaults, cpu_quick, raw loop
     python bench/train_throughput.py --tiny                  # seconds: 4 steps per side, one round
+    python bench/train_throughput.py --health-overhead --preset cpu_quick --rounds 6   # bench/health.py
 
 Writes bench/results/train_throughput-<preset>-b<batch>-<precision>[-compile].json, or
 bench/results/train_throughput-sweep.json for --sweep-defaults (or --out).
@@ -59,12 +60,17 @@ PRESETS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu_quick")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu_quick "
+                   "(--health-overhead: both)")
+    p.add_argument("--health-overhead", action="store_true", help="instead: the health statistics' overhead, "
+                   "interleaved against the same run without them (bench/health.py: --preset, --rounds, --steps, "
+                   "--warmup, --tiny and --out go to it)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 12; baby is also measured at 64)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 200 cpu_quick, 30 baby, 12 baby with batch > 16)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out at the start of each run "
                    "(default: 20 cpu_quick, 5 baby, 3 baby with batch > 16; raise it with --compile)")
-    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds; each runs both sides once (default: 2)")
+    p.add_argument("--rounds", type=int, default=None, help="ABBA rounds; each runs both sides once (default: 2; "
+                   "--health-overhead: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
@@ -87,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "round, a small peak estimate (checks the code paths; the figures mean nothing)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_throughput-....json)")
     args = p.parse_args(argv)
+    if args.health_overhead:
+        return args
+    args.preset, args.rounds = args.preset or "cpu_quick", args.rounds or 2
     if args.tiny:
         if args.sweep_defaults:
             p.error("--tiny checks the comparison; --sweep-defaults has no tiny mode")
@@ -571,8 +580,19 @@ def sweep(args, spec: Spec, steps: int, warmup: int) -> dict[str, Any]:
             "base_threads": base_threads, "variants": results, "optimizer_step_ms": opt_ms}
 
 
+def health_argv(args) -> list[str]:
+    """bench/health.py's arguments for --health-overhead."""
+    argv = [f"--{k}={v}" for k, v in (("preset", args.preset), ("rounds", args.rounds), ("steps", args.steps),
+                                      ("warmup", args.warmup), ("out", args.out)) if v is not None]
+    return argv + (["--tiny"] if args.tiny else [])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.health_overhead:
+        import health  # bench/health.py
+
+        return health.main(health_argv(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_lightning()

@@ -7,6 +7,7 @@ spike at a chosen step and record what the run did, each rank to <run dir>/healt
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,11 @@ import torch
 
 def flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def hooks_left(module: torch.nn.Module) -> int:
+    """Forward hooks, and attention layers whose `qkv` is wrapped (an instance attribute), in `module`."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("qkv" in vars(m)) for m in module.modules())
 
 
 class Probe(L.Callback):
@@ -51,7 +57,7 @@ class Probe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step just taken
-        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pl_module.modules())
+        hooks = hooks_left(pl_module)
         self.record.setdefault("hooks_after", []).append(hooks)
         if step == self.corrupt_step or step in [e["step"] for e in self._events(trainer)]:
             self.record.setdefault("unchanged", {})[str(step)] = bool(torch.equal(self.before, flat(pl_module)))
@@ -87,6 +93,30 @@ class NormProbe(L.Callback):
         self.post: list[list[torch.Tensor]] = []
         self.params: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.hooks_after: list[int] = []
+        self.sampled: dict[int, dict[str, float]] = {}  # step -> act_rms/attn_logit_max of each block, recomputed
+        self._handles: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if (step + 1) % next(c.interval for c in trainer.callbacks if hasattr(c, "histogram_every")) == 0:
+            for i, block in enumerate(pl_module.model.transformer.h):
+                self._handles.append(block.register_forward_hook(partial(self._reference, step, i)))
+
+    def _reference(self, step, i, block, args, output) -> None:
+        """The block's output RMS, and its largest causal attention score from the queries and keys
+        recomputed in float64 (the class's qkv: past any wrapper)."""
+        with torch.no_grad():
+            x = block.ln_1(args[0])
+            q, k, _ = type(block.attn).qkv(block.attn, x, args[1] if len(args) > 1 else None)
+            scores = q.double() @ k.double().transpose(-2, -1) / q.size(-1) ** 0.5
+            keep = torch.ones(q.size(2), q.size(2), dtype=torch.bool).tril()
+            self.sampled.setdefault(step, {})[f"attn_logit_max/block{i}"] = scores.masked_fill(~keep, -torch.inf).max().item()
+            self.sampled[step][f"act_rms/block{i}"] = output.double().square().mean().sqrt().item()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def on_train_start(self, trainer, pl_module) -> None:
         optimizer = trainer.optimizers[0]
@@ -104,4 +134,4 @@ class NormProbe(L.Callback):
         self.params.append(([p.detach().clone() for p in params], []))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.hooks_after.append(sum(len(m._forward_hooks) for m in pl_module.modules()))
+        self.hooks_after.append(hooks_left(pl_module))

@@ -67,9 +67,16 @@ def check_eval(result, out):
 
 
 def check_health(result, out):
-    tiny = result["presets"]["tiny"]
-    assert set(tiny["ms_per_step"]) == {"none", "default", "verbose"} and set(tiny["overhead_pct"]) == {"default", "verbose"}
-    assert all(v > 0 for v in tiny["ms_per_step"].values()) and "overhead" in out
+    wall, cpu = result["presets"]["tiny"]["wall"], result["presets"]["tiny"]["cpu"]
+    for key in ("", "_mean"):
+        assert set(wall["ms_per_step" + key]) == {"none", "default"} and set(wall["overhead_pct" + key]) == {"default"}
+        assert all(v > 0 for v in wall["ms_per_step" + key].values())
+    # the CPU-time accounting saw the statistics' hooks (default only) and clipping (both runs)
+    assert "TrainingHealth.on_before_optimizer_step" in cpu["default"]["timed_ms_per_step"]
+    assert "SpikeGuard.on_before_optimizer_step" not in cpu["none"]["timed_ms_per_step"]
+    assert "health.max_attention_logit" in cpu["default"]["timed_ms_per_step"]
+    assert all(cpu[v]["timed_ms_per_step"]["LanguageModel.configure_gradient_clipping"] > 0 for v in ("none", "default"))
+    assert "overhead (mean)" in out and "CPU time" in out
 
 
 def check_report(result, out):
@@ -122,6 +129,14 @@ def test_tiny_mode(name, tmp_path, monkeypatch, capsys, data_dir):
         CHECKS[name](result, out)
     if result:  # a run that did not skip writes its JSON
         assert list(tmp_path.glob("*.json")), out[-2000:]
+
+
+def test_train_throughput_hands_the_health_overhead_to_bench_health():
+    tt = load("train_throughput")
+    args = tt.parse_args(["--health-overhead", "--preset", "baby", "--rounds", "6"])
+    assert tt.health_argv(args) == ["--preset=baby", "--rounds=6"]
+    assert tt.health_argv(tt.parse_args(["--health-overhead", "--tiny"])) == ["--tiny"]
+    assert load("health").PRESETS["baby"][0][1] == "model=baby_shakespeare"
 
 
 def test_every_check_names_a_script():

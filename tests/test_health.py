@@ -13,6 +13,7 @@ import torch
 from gptlab import checkpoint
 from gptlab.config import validate_train
 from gptlab.errors import ConfigError, LossSpikeError, NonFiniteLossError
+from gptlab.training.health import max_attention_logit
 
 from conftest import SHAKESPEARE, TINY, read_scalars, run_script, train_args
 from inprocess import compose_config, run_train
@@ -69,8 +70,23 @@ def test_statistics_equal_reference_computations(tmp_path, data_dir):
     for key in ("act_rms", "attn_logit_max", "grad_norm", "param_norm"):
         for i in range(n_layer):
             assert [s for s, _ in scalars[f"{key}/block{i}"]] == [4, 9]
+    # activations and attention scores of the sampled steps, recomputed from each block's input
+    assert sorted(probe.sampled) == [4, 9]
+    for step, reference in probe.sampled.items():
+        for key, value in reference.items():
+            assert dict(scalars[key])[step] == pytest.approx(value, rel=1e-5)
     # the hooks live for the forward pass of a sampled step only
     assert probe.hooks_after == [0] * 10
+
+
+def test_max_attention_logit_matches_the_explicit_scores():
+    # grouped queries (4 heads on 2 key heads) too, and a large score past the causal mask that must not count
+    q, k = torch.randn(3, 4, 9, 8), torch.randn(3, 2, 9, 8)
+    k[:, :, -1] *= 100
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) / 8 ** 0.5
+    expected = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -torch.inf).amax()
+    assert max_attention_logit(q, k).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert max_attention_logit(q, k).item() < scores.amax().item()
 
 
 def test_skip_discards_that_update_and_holds_the_schedule(tmp_path, data_dir, capsys):
@@ -185,6 +201,7 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     # 2 CPU processes, rank 1 alone sees the corrupted batch: both skip that step, weights stay equal
     run_dir = tmp_path / "ddp"
     run_script("train.py", train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=10", *GUARD,
+                                      "callbacks.health.interval=5",
                                       "callbacks.spikes.policy=skip", PROBE, "+callbacks.probe.corrupt_step=8",
                                       "+callbacks.probe.corrupt_rank=1"), data_dir, PYTHONPATH=str(Path(__file__).parent))
     ranks = [probe_record(run_dir, r) for r in (0, 1)]
@@ -194,3 +211,6 @@ def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
     assert ranks[0]["final"] == ranks[1]["final"]
     done = json.loads((run_dir / "DONE").read_text())
     assert [(e["step"], e["action"]) for e in done["spikes"]] == [(8, "skip")]
+    # the sampled steps' statistics, over both ranks' batches, reached the tracker (no rank waited alone)
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["attn_logit_max/block0"]] == [s for s, _ in scalars["act_rms/block1"]] == [4, 9]

@@ -28,7 +28,7 @@ from gptlab.errors import CheckpointError, ConfigError
 from gptlab.models import build_model
 from gptlab.sharded import main as sharded_main
 
-from conftest import SHAKESPEARE, TINY, kill_after_checkpoint
+from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars
 from inprocess import run_sample, run_train
 from parallel_worker import worker
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 STEPS = 20
 BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "logger=none", "~callbacks.text_sample", "~callbacks.attention_maps", "~callbacks.throughput",
-        "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2"]
+        "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", "callbacks.health.interval=10"]
 LLAMA = ["model=llama_nano", "model.n_embd=32", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
          "model.block_size=32", "model.qk_norm=true"]
 # the default experiment trains with Muon; AdamW for the Llama-style model too
@@ -48,6 +48,7 @@ FSDP2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
 TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
 NO_CKPT = ["~callbacks.model_checkpoint"]
 AC = ["model.activation_checkpointing=true"]
+TENSORBOARD = ["logger=tensorboard"]  # (after BASE's logger=none: the last one counts)
 HALF = ["trainer.max_steps=10", "trainer.val_check_interval=10", f"optim.decay_steps={STEPS}"]
 # fsdp2_gpt's run as train.py runs it, with a sharded checkpoint every 4 steps: killed, then resumed
 KILLED = [*(o for o in BASE if o != "~callbacks.periodic_checkpoint"), *FSDP2,
@@ -84,14 +85,14 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         write_shard(out / "mix" / f"s{i}.bin", np.arange(i * MIX_N, (i + 1) * MIX_N))
     killed = kill_after_checkpoint(out / "fsdp2_killed", [*KILLED, f"hydra.run.dir={out / 'fsdp2_killed'}"], data_dir,
                                    step=4, tensorboard=False)
-    refs = [(f"ref_{m}", [*BASE, *model, *NO_CKPT]) for m, model in MODELS.items()]
+    refs = [(f"ref_{m}", [*BASE, *model, *NO_CKPT, *(TENSORBOARD if m == "llama" else [])]) for m, model in MODELS.items()]
     jobs = [
         ("ddp_gpt", [*BASE, *DDP, *NO_CKPT]),
         ("fsdp2_gpt", [*SAMPLING, *FSDP2]),
         ("tp_gpt", [*BASE, *TP, *AC, *NO_CKPT]),
         ("ddp_llama", [*BASE, *LLAMA, *DDP, *NO_CKPT]),
         ("fsdp2_llama", [*BASE, *LLAMA, *FSDP2, *AC, *NO_CKPT, "model.compile=aot_eager"]),
-        ("tp_llama", [*SAMPLING, *LLAMA, *TP]),
+        ("tp_llama", [*SAMPLING, *LLAMA, *TP, *TENSORBOARD]),
         ("ddp_adamw", [*BASE, *MODELS["adamw"], *DDP, *NO_CKPT]),
         ("fsdp2_adamw", [*BASE, *MODELS["adamw"], *FSDP2, *NO_CKPT]),
         ("tp_adamw", [*BASE, *MODELS["adamw"], *TP, *NO_CKPT]),
@@ -117,6 +118,18 @@ def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
     assert close(r[f"tp_{model}"]["losses"], r[f"ref_{model}"]["losses"])
     assert r[f"ddp_{model}"]["losses"] != r[f"ref_{model}"]["losses"]  # DDP saw twice the data
     assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.3  # it learns
+
+
+def test_health_statistics_under_tp_equal_one_process(runs):
+    """The sampled steps' norms, update ratios, activation RMS and attention logits of a TP run (each rank
+    holds half the heads and a shard of the matrices) are one process's."""
+    out, _ = runs
+    one, tp = (read_scalars(out / name / "tensorboard") for name in ("ref_llama", "tp_llama"))
+    keys = [k for k in one if k.split("/")[0] in ("grad_norm", "param_norm", "update_ratio", "act_rms", "attn_logit_max")]
+    assert len(keys) == 6 * 3 + 2 * 2  # other, 2 blocks and 3 groups (Muon, AdamW decay and no decay); 2 layers
+    for key in keys:
+        assert [s for s, _ in tp[key]] == [s for s, _ in one[key]] == [9, 19]
+        assert [v for _, v in tp[key]] == pytest.approx([v for _, v in one[key]], rel=1e-4), key
 
 
 def test_resume_from_sharded_checkpoints_is_exact(runs):

@@ -9,8 +9,9 @@ and per optimizer group (`group_<name>`):
     update_ratio/<part>   RMS of the step's update / RMS of the weights (AdamW's and Muon's groups alike)
     act_rms/block<i>      RMS of each block's output
     attn_logit_max/block<i>  the largest pre-softmax attention score of each layer
-Activations and attention scores come from forward hooks registered on the sampled step only and
-removed when its forward pass ends; other steps pay nothing for them and never wait for the device.
+Activations come from forward hooks, attention scores from each layer's own queries and keys (its `qkv`
+wrapped), both on the sampled step only and removed when its forward pass ends; other steps pay nothing
+for them and never wait for the device.
 Weight and gradient histograms go to TensorBoard every `histograms_every_n_validations` validations.
 """
 
@@ -27,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gptlab.models.block import CausalSelfAttention
 from gptlab.schema import Positive, check_args
 from gptlab.training.optim import plain_name
+from gptlab.training.parallel import local_part, shard_copies
 
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)(?:\.|$)")
 
@@ -36,16 +38,19 @@ def logged_step(trainer: L.Trainer, step: int) -> bool:
     return step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps
 
 
-def max_attention_logit(attn: CausalSelfAttention, x: torch.Tensor, rope: Any) -> torch.Tensor:
-    """The largest causal q.k / sqrt(d) of one attention layer on input `x`, in slices of the batch."""
-    q, k, _ = attn.qkv(x, rope)
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    T = q.size(2)
-    keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    chunk = max(1, (1 << 24) // (q.size(1) * T * T))  # at most ~16M scores at once
-    best = [((q[i:i + chunk] @ k[i:i + chunk].transpose(-2, -1)).float().masked_fill(~keep, -math.inf).amax())
+def max_attention_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The largest causal q.k / sqrt(d) of queries (B, n_head, T, d) and keys (B, n_kv_head, T, d), as float32.
+    The query heads that share a key head are stacked along time, so keys are never repeated, and the
+    causal mask is added inside the product (baddbmm): one pass over the scores, in slices of the batch."""
+    B, H, T, d = q.shape
+    groups, rep = k.size(1), H // k.size(1)
+    q = q.reshape(B * groups, rep * T, d)
+    k = k.reshape(B * groups, T, d).transpose(1, 2)
+    hidden = torch.full((T, T), -math.inf, dtype=q.dtype, device=q.device).triu(1).repeat(rep, 1)
+    chunk = max(1, (1 << 24) // (rep * T * T))  # at most ~16M scores at once
+    best = [torch.baddbmm(hidden, q[i:i + chunk], k[i:i + chunk], alpha=1 / math.sqrt(d)).amax()
             for i in range(0, q.size(0), chunk)]
-    return torch.stack(best).amax() / math.sqrt(q.size(-1))
+    return torch.stack(best).amax().float()
 
 
 class TrainingHealth(L.Callback):
@@ -95,16 +100,21 @@ class TrainingHealth(L.Callback):
             group_names = [f"group_{g.get('name', i)}" for i, g in enumerate(trainer.optimizers[0].param_groups)]
             self._parts = {"params": params, "names": block_names + group_names,
                            "block": torch.tensor(blocks, device=device),
-                           "group": torch.tensor(groups, device=device) + len(block_names)}
+                           "group": torch.tensor(groups, device=device) + len(block_names),
+                           # FSDP2 / tensor parallel: each rank's shards, summed over the ranks, count once
+                           "copies": torch.tensor([shard_copies(p) for p in params], dtype=torch.float32, device=device)
+                           if pl_module._model_parallel() else None}
         return self._parts
 
     def _per_part(self, pl_module: L.LightningModule, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Summed squares of `tensors` (one per parameter) per block, then per group."""
+        """Summed squares of `tensors` (one per parameter, or its shard on this rank) per block, then per group."""
         parts = self._parts
-        squares = torch.stack(torch._foreach_norm(tensors)).float().square()
+        squares = torch.stack(torch._foreach_norm([local_part(t) for t in tensors])).float().square()
+        if parts["copies"] is not None:
+            squares = squares / parts["copies"]
         out = torch.zeros(len(parts["names"]), device=squares.device)
         out.index_add_(0, parts["block"], squares).index_add_(0, parts["group"], squares)
-        if pl_module._sharded():  # every rank holds a shard of each parameter
+        if pl_module._sharded() or parts["copies"] is not None:  # every rank holds a shard of each parameter
             out = pl_module.trainer.strategy.reduce(out, reduce_op="sum")
         return out
 
@@ -118,26 +128,41 @@ class TrainingHealth(L.Callback):
             self._hooks.append(block.register_forward_hook(self._activation_hook(f"act_rms/block{i}")))
             attn = next((a for a in block.modules() if isinstance(a, CausalSelfAttention)), None)
             if attn is not None:
-                self._hooks.append(attn.register_forward_hook(self._attention_hook(f"attn_logit_max/block{i}")))
+                self._wrap_qkv(attn, f"attn_logit_max/block{i}")
 
     def _activation_hook(self, key: str):
         def hook(module, args, output):
-            self._found[key] = output.detach().float().square().mean().sqrt()
+            out = local_part(output.detach())  # its mean square here, the root once the ranks are averaged
+            self._found[key] = torch.linalg.vector_norm(out, dtype=torch.float32).square() / out.numel()
         return hook
 
-    def _attention_hook(self, key: str):
-        def hook(module, args, output):
+    def _wrap_qkv(self, attn: CausalSelfAttention, key: str) -> None:
+        """For this forward pass, the layer's queries and keys go to `max_attention_logit`: the scores
+        come from the projection the layer computes anyway (a forward hook would have to redo it)."""
+        qkv = attn.qkv
+
+        def wrapped(x, rope=None):
+            q, k, v = qkv(x, rope)
             with torch.no_grad():
-                self._found[key] = max_attention_logit(module, args[0].detach(), args[1] if len(args) > 1 else None)
-        return hook
+                self._found[key] = max_attention_logit(q.detach(), k.detach())
+            return q, k, v
+
+        attn.qkv = wrapped  # an instance attribute: it hides the method until remove_hooks deletes it
+        self._hooks.append(attn)
 
     def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
+        for hook in self._hooks:
+            if isinstance(hook, CausalSelfAttention):
+                vars(hook).pop("qkv", None)
+            else:
+                hook.remove()
         self._hooks.clear()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self.remove_hooks()  # the forward pass is over (activation checkpointing would rerun it in backward)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.remove_hooks()  # a run that failed inside a sampled forward pass leaves a plain model behind
 
     # -- every step: the gradient norm; sampled steps: norms and a snapshot for the update ratio --
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -155,7 +180,7 @@ class TrainingHealth(L.Callback):
         params = [p for p in parts["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._found["grad"], self._found["param"] = self._per_part(pl_module, grads), self._per_part(pl_module, params)
-        self._before = [p.detach().clone() for p in params]
+        self._before = [local_part(p.detach()).clone() for p in params]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -179,14 +204,20 @@ class TrainingHealth(L.Callback):
         names, values = [], []
         dropped = any(getattr(c, "dropped_step", None) == trainer.global_step - 1 for c in trainer.callbacks)
         if not dropped:  # a skipped or rolled-back step has no update of its own
-            delta = torch._foreach_sub([p.detach() for p in parts["params"]], self._before)
+            delta = torch._foreach_sub([local_part(p.detach()) for p in parts["params"]], self._before)
             ratio = (self._per_part(pl_module, delta) / found["param"].clamp(min=1e-30)).sqrt()
             names += [f"update_ratio/{n}" for n in parts["names"]]
             values.append(ratio)
         names += [f"grad_norm/{n}" for n in parts["names"]] + [f"param_norm/{n}" for n in parts["names"]]
         values += [found.pop("grad").sqrt(), found.pop("param").sqrt()]
-        names += list(found)
-        values += [torch.stack(list(found.values())).float()] if found else []
+        for prefix, reduce_op in (("act_rms/", "mean"), ("attn_logit_max/", "max")):
+            keys = [k for k in found if k.startswith(prefix)]
+            if keys:  # over all ranks: their batches (DDP, FSDP) or their heads (tensor parallel)
+                value = torch.stack([found[k] for k in keys])
+                if trainer.world_size > 1:
+                    value = trainer.strategy.reduce(value, reduce_op=reduce_op)
+                names += keys
+                values.append(value.sqrt() if prefix == "act_rms/" else value)
         self._before = None
         self._found = {}
         return dict(zip(names, torch.cat([v.flatten() for v in values]).tolist()))

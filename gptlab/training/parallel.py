@@ -210,21 +210,30 @@ class ModelParallel(ModelParallelStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of gradients that are DTensors on different meshes (FSDP2 x TP): the squared norm of
-    each local shard, divided by the number of ranks holding the same shard, summed in one all-reduce."""
+def shard_copies(t: torch.Tensor) -> int:
+    """How many ranks hold the same values as this rank's part of `t`: for a DTensor (FSDP2 x TP, any
+    mesh) the ranks outside its mesh and along its replicated dimensions; a plain tensor is on every rank.
+    A sum over all ranks of (this rank's part) / copies counts every value once."""
     from torch.distributed.tensor import DTensor
 
     world = dist.get_world_size()
+    if not isinstance(t, DTensor):
+        return world
+    copies = world // t.device_mesh.size()  # ranks outside the mesh hold the same shards
+    return copies * math.prod(t.device_mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of gradients that are DTensors on different meshes (FSDP2 x TP): the squared norm of
+    each local shard, divided by the number of ranks holding the same shard, summed in one all-reduce."""
     total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g in grads:
-        if isinstance(g, DTensor):
-            copies = world // g.device_mesh.size()  # ranks outside the mesh hold the same shards
-            copies *= math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if p.is_replicate())
-            local = g.to_local()
-        else:
-            copies, local = world, g
-        total += local.float().square().sum() / copies
+        total += local_part(g).float().square().sum() / shard_copies(g)
     dist.all_reduce(total)
     return total.sqrt()
 
