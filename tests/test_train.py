@@ -11,7 +11,7 @@ from gptlab.data import TokenDataModule
 from gptlab.data.datasets import FixedWindows
 
 from conftest import SHAKESPEARE, TINY, read_scalars, read_texts, run_script, train_args
-from inprocess import run_sample, run_train
+from inprocess import run_main, run_sample, run_train
 
 
 def test_run_writes_checkpoints_config_and_tensorboard(trained_run):
@@ -104,10 +104,13 @@ def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, da
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
 
 
-@pytest.mark.slow
-def test_sample_py_reports_a_mistake_in_one_line(data_dir):
-    """(Sampling itself runs in-process above; this is the command line's side.)"""
-    _one_line_error(run_script("sample.py", [], data_dir, check=False), "no checkpoint: pass ckpt_path=")
+def test_sample_py_reports_a_mistake_in_one_line(data_dir, capfd):
+    """(Sampling itself runs in-process above; this is sample.py's main, Hydra and error handling included.)"""
+    code = run_main([], name="sample")
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "no checkpoint: pass ckpt_path=" in errors[0]
 
 
 @pytest.mark.parametrize("override, message", [
