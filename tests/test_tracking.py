@@ -105,21 +105,22 @@ def test_the_view_of_single_runs_links_each_run_once(tmp_path):
     runs = [tmp_path / task / "runs" / "2026-12-03_10-00-00" for task in ("train", "other")]
     for run in runs:
         (run / "tensorboard").mkdir(parents=True)
-        link_in_view(run / "tensorboard", "a/b", run, tmp_path)
-    link_in_view(runs[0] / "tensorboard", "resumed", runs[0], tmp_path)  # a resume by another name
+        link_in_view(run / "tensorboard", "a/b", run, tmp_path, "exp")
+    link_in_view(runs[0] / "tensorboard", "resumed", runs[0], tmp_path, "exp")  # a resume by another name
     view = tmp_path / "tensorboard"
     links = {str(p.relative_to(view)): p.resolve() for p in view.glob("*/*")}
-    assert links == {"a_b/2026-12-03_10-00-00": runs[0] / "tensorboard", "a_b/2026-12-03_10-00-00 (2)": runs[1] / "tensorboard"}
+    assert links == {"exp/2026-12-03_10-00-00 a_b": runs[0] / "tensorboard",
+                     "exp/2026-12-03_10-00-00 a_b (2)": runs[1] / "tensorboard"}
     assert all(p.is_symlink() and not Path(os.readlink(p)).is_absolute() for p in view.glob("*/*"))  # movable
 
-    link_in_view(runs[0] / "tensorboard", "x", runs[0], tmp_path / "elsewhere")  # not under paths.log_dir
-    link_in_view(runs[0] / "tensorboard", "x", runs[0], runs[0])  # the view would be the event directory
+    link_in_view(runs[0] / "tensorboard", "x", runs[0], tmp_path / "elsewhere", "exp")  # not under paths.log_dir
+    link_in_view(runs[0] / "tensorboard", "x", runs[0], runs[0], "exp")  # the view would be the event directory
     assert not (tmp_path / "elsewhere").exists() and not (runs[0] / "tensorboard" / "x").exists()
     blocked = tmp_path / "blocked"
     (blocked / "run" / "tensorboard").mkdir(parents=True)
     (blocked / "tensorboard").write_text("")  # a file where the view would go
     with pytest.warns(UserWarning, match="no TensorBoard view"):
-        link_in_view(blocked / "run" / "tensorboard", "x", blocked / "run", blocked)
+        link_in_view(blocked / "run" / "tensorboard", "x", blocked / "run", blocked, "exp")
 
 
 # -- CSV and TensorBoard together; TensorBoard's view of single runs -------------------------------
@@ -159,7 +160,7 @@ def test_tensorboard_and_csv_together(tmp_path, data_dir):
     run_train(overrides(data_dir), second, log_dir=tmp_path)
     shared = ",".join(o for o in TINY + QUICK if not o.startswith(("~", "callbacks")))  # the rest is noise
     view = tensorboard_view(tmp_path)
-    assert set(view) == {f"{shared},optim.lr=2e-3/{first.name}", f"{shared}/{second.name}"}
+    assert set(view) == {f"train/{first.name} {shared},optim.lr=2e-3", f"train/{second.name} {shared}"}
     assert all(s["train/loss"] == list(range(6)) and s["val/loss"] == [2, 5] for s in view.values())
     assert run == f"{shared},optim.lr=2e-3"  # HPARAMS' run column: the same name
 
@@ -215,7 +216,8 @@ def test_wandb_and_mlflow_runs_continue_on_resume(tmp_path, data_dir, wandb_offl
 
     # TensorBoard's view keeps the run once, under the name it started with (the resume's differs; "/" is "_")
     ((name, scalars),) = tensorboard_view(tmp_path).items()
-    assert name.endswith(",optim.lr=2e-3,optimized_metric=val_nope/run") and scalars["train/loss"] == list(range(10))
+    assert name.startswith("train/run ") and name.endswith(",optim.lr=2e-3,optimized_metric=val_nope")
+    assert scalars["train/loss"] == list(range(10))
 
 
 # -- a tracker that is not installed -------------------------------------------------------------

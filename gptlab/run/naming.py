@@ -79,15 +79,16 @@ def sweep_name(run_dir: str | os.PathLike) -> str:
     return run_name(job_overrides(run_dir), launch_overrides(run_dir.parent), run_dir.name)
 
 
-def link_in_view(event_dir: Path, name: str, run_dir: Path, log_dir: str | os.PathLike) -> None:
+def link_in_view(event_dir: Path, name: str, run_dir: Path, log_dir: str | os.PathLike, experiment: str) -> None:
     """TensorBoard's run list by this rule: links named after the run to its event files, which stay in
     its own directory (`<run>/tensorboard/`, where resume and the report read them).
 
     * a job of a multirun: `<sweep dir>/tensorboard/<name>`, so `tensorboard --logdir <sweep dir>/tensorboard`
       lists each job by what varies; a name another job took gets the job's number: `<name> (3)`;
-    * a single run: `<log_dir>/tensorboard/<name>/<run dir's name>` (its start time by default), so
-      `tensorboard --logdir <log_dir>/tensorboard` lists every run as `<name>/<date>`, the repeats of one
-      experiment side by side; a place another run took gets a count: `<date> (2)`.
+    * a single run: `<log_dir>/tensorboard/<experiment>/<run dir's name>` (its start time by default),
+      followed by its name where that is not the experiment's (`train/2026-12-03_10-00-00 optim.lr=3e-3`),
+      so `tensorboard --logdir <log_dir>/tensorboard` lists every run under its experiment's name, in the
+      order they started; a place another run took gets a count: `<date> (2)`.
 
     Rank 0 only. No link for event files outside the view's root (logger.tensorboard.save_dir or
     hydra.run.dir set elsewhere), nor where the view would hold them; a run that has a link keeps it (a
@@ -98,15 +99,19 @@ def link_in_view(event_dir: Path, name: str, run_dir: Path, log_dir: str | os.Pa
     if rank_zero_only.rank != 0:
         return
     root = Path(HydraConfig.get().sweep.dir if multirun() else log_dir).resolve()
-    # one directory name (at most 255 bytes), with room for a count
-    base = name.replace(os.sep, "_").encode()[:240].decode(errors="ignore")
+    def cut(text: str, room: int) -> str:  # one directory name: at most 255 bytes, `room` of them for the rest
+        return text.replace(os.sep, "_").encode()[:255 - room].decode(errors="ignore")
+
     view, event_dir = root / "tensorboard", event_dir.resolve()
     if not event_dir.is_relative_to(root) or event_dir.is_relative_to(view) or view.is_relative_to(event_dir):
         return
     if multirun():
+        base = cut(name, len(f" ({run_dir.name})"))
         places = [base, f"{base} ({run_dir.name})"]
     else:
-        places = [f"{base}/{run_dir.name}", *(f"{base}/{run_dir.name} ({n})" for n in range(2, 10))]
+        here = run_dir.name if name == experiment else f"{run_dir.name} {cut(name, len(run_dir.name) + 6)}"
+        task = experiment.replace(os.sep, "_")
+        places = [f"{task}/{here}", *(f"{task}/{here} ({n})" for n in range(2, 10))]
     _link(view, places, event_dir)
 
 

@@ -6,7 +6,7 @@ Each file of conf/logger/ adds one entry under `logger:` (TensorBoard, CSV, W&B,
 * a readable name, `run_name(cfg)` (gptlab.run.naming's rule): in a sweep the overrides that vary
   (`optim.lr=3e-3,model.n_layer=4`), else the run's overrides or its experiment's name; W&B and MLflow
   show it as the run name, TensorBoard as the `run` column of HPARAMS (the swept keys first) and as the
-  name of the run's link in a view (`<sweep dir>/tensorboard/<name>`, `<log_dir>/tensorboard/<name>/<date>`,
+  name of the run's link in a view (`<sweep dir>/tensorboard/<name>`, `<log_dir>/tensorboard/<experiment>/<date> <name>`,
   see naming.link_in_view); Lightning's `epoch` scalar is left out of every tracker;
 * resume continues the same run in each tracker instead of forking one: TensorBoard drops the events a
   killed run wrote after its checkpoint (`purge_step`), CSV keeps the rows before it, and W&B and MLflow
@@ -146,7 +146,8 @@ def build_loggers(cfg: DictConfig, name: str, resume: Info | None = None) -> lis
         if isinstance(logger, MLFlowLogger) and continued:
             _check_mlflow_run(f"logger.{key}", logger, continued, node.get("tracking_uri"))
         if isinstance(logger, TensorBoardLogger):
-            naming.link_in_view(Path(logger.log_dir), name, Path(cfg.paths.output_dir), cfg.paths.log_dir)
+            naming.link_in_view(Path(logger.log_dir), name, Path(cfg.paths.output_dir), cfg.paths.log_dir,
+                                cfg.task_name)
         _drop_epoch(logger)
         loggers.append(logger)
     return loggers
