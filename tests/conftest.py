@@ -233,14 +233,23 @@ def mlflow_store(template: Path, directory: Path) -> str:
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a directory quietly, honouring `Range: bytes=N-` (206; 416 past the end) as the hosts of
-    corpora do, and records the ranges asked for in `ranges`."""
+    corpora do, and records the ranges asked for in `ranges`. `/resolve/<file>` redirects to `/<file>`
+    stating `stated[<file>]` as its sha256, as the Hugging Face Hub does for files in LFS."""
 
     ranges: list[str] = []
+    stated: dict[str, str] = {}
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        if self.path.startswith("/resolve/"):
+            name = self.path.removeprefix("/resolve/")
+            self.send_response(302)
+            self.send_header("Location", f"/{name}")
+            self.send_header("X-Linked-Etag", f'"{self.stated[name]}"')
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         try:
             data = Path(self.translate_path(self.path)).read_bytes()
         except OSError:
@@ -262,7 +271,7 @@ def http_server(tmp_path):
     """(the directory served, its URL) on 127.0.0.1: downloads tested without the network."""
     root = tmp_path / "www"
     root.mkdir()
-    RangeHandler.ranges = []
+    RangeHandler.ranges, RangeHandler.stated = [], {}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: RangeHandler(*a, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

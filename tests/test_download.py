@@ -37,6 +37,21 @@ def test_a_bad_download_is_refused_and_not_kept(tmp_path, http_server):
         fetch(f"{base}/a.txt", tmp_path / "a.txt", sha256="00" * 32, progress=False)
 
 
+def test_the_checksum_the_hub_states_is_checked(tmp_path, http_server):
+    """A Hugging Face Hub `resolve` URL redirects to storage stating the file's sha256 (X-Linked-Etag)."""
+    import hashlib
+
+    served, base = http_server
+    (served / "a.txt").write_text("hello")
+    RangeHandler.stated = {"a.txt": hashlib.sha256(b"hello").hexdigest(), "b.txt": "ab" * 32}
+    assert fetch(f"{base}/resolve/a.txt", tmp_path / "a.txt", progress=False).read_text() == "hello"
+    (served / "b.txt").write_text("not what was stated")
+    with pytest.raises(DataError, match=f"b.txt.part: sha256 [0-9a-f]{{64}}, the publisher states {'ab' * 32}; "
+                                        "removed it, run again"):
+        fetch(f"{base}/resolve/b.txt", tmp_path / "b.txt", progress=False)
+    assert not list(tmp_path.glob("b.txt*"))
+
+
 def test_offline_one_line_says_what_to_fetch_and_where(tmp_path):
     import socket
 

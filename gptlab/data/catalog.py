@@ -10,8 +10,9 @@
 Files go to DIR/NAME (DIR: $GPTLAB_DATA_DIR or ~/.cache/gptlab), where conf/data/fineweb10B.yaml looks.
 A download goes to NAME.part first and resumes from there (an HTTP Range request) when run again; a
 file is renamed into place only once checked: token shards by their header (llm.c's header states the
-token count, so a cut file is caught), others by sha256 where one is known. Offline, one
-line says which files to fetch and where to put them.
+token count, so a cut file is caught), and by the sha256 the publisher states: the Hugging Face Hub
+gives each file it stores in LFS (every file above) as the `X-Linked-Etag` of its redirect to storage.
+Offline, one line says which files to fetch and where to put them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -79,18 +81,33 @@ def check_file(path: Path, sha256: str | None, shard: bool) -> None:
             raise DataError(f"{path}: sha256 {h.hexdigest()}, the publisher states {sha256}")
 
 
+class _StatedChecksum(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, keeping the sha256 a Hugging Face Hub redirect states for the file it leads to
+    (`X-Linked-Etag: "<sha256>"`, which huggingface_hub reads too; other ETags are not checksums)."""
+
+    sha256: str | None = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        stated = (headers.get("X-Linked-Etag") or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", stated):
+            self.sha256 = stated
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0, progress: bool = True) -> Path:
     """`url` to `dest` through `dest`.part, resuming a part left by an interrupted run; the finished file is
-    checked (check_file) before it is renamed into place. A complete `dest` is left alone."""
+    checked (check_file: against `sha256`, else the one the server states) before it is renamed into
+    place. A complete `dest` is left alone."""
     if dest.exists():
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    stated = _StatedChecksum()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            response = urllib.request.urlopen(request, timeout=timeout)
+            response = urllib.request.build_opener(stated).open(request, timeout=timeout)
         except urllib.error.HTTPError as e:
             if e.code != 416 or not have:  # 416: nothing left after `have` bytes: the part is whole
                 raise
@@ -106,7 +123,7 @@ def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0
             raise DataError(f"could not download {url} ({getattr(e, 'reason', e)})") from None
         raise fs_error(e, part) from None
     try:
-        check_file(part, sha256, shard=dest.suffix == ".bin")
+        check_file(part, sha256 or stated.sha256, shard=dest.suffix == ".bin")
     except DataError as e:
         part.unlink(missing_ok=True)  # a damaged whole: start afresh next time
         raise DataError(f"{e}; removed it, run again to fetch it anew") from None
