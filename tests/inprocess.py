@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,19 @@ def script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def kept_logging() -> Iterator[None]:
+    """Hydra configures logging for the job it runs (handlers on the streams of that moment: pytest's
+    captured ones, closed after the test); later tests should log as before."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict))]
+    saved = {lg: (lg.handlers[:], lg.level, lg.propagate) for lg in loggers}
+    try:
+        yield
+    finally:
+        for lg in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict))]:
+            lg.handlers[:], lg.level, lg.propagate = saved.get(lg, ([], logging.NOTSET, True))
 
 
 @contextlib.contextmanager
@@ -90,7 +104,7 @@ def run_main(args: list[str], name: str = "train") -> int:
     main = script(name).main
     main.__wrapped__.__module__ = "__main__"  # so Hydra looks for conf/ beside the script, as when run as one
     try:
-        with kept_environ():
+        with kept_environ(), kept_logging():
             main()
         return 0
     except SystemExit as e:

@@ -188,7 +188,7 @@ def test_ddp_time_budget_gives_every_rank_the_same_schedule(tmp_path, data_dir):
                                       "optim.warmup_steps=2", "optim.lr=1e-3", "optim.min_lr=1e-4", *PROBE),
                data_dir, **PROBE_ENV)
     ranks = probes(run_dir)
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 5
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 2  # past the warmup, however loaded the machine
     assert ranks[0]["lrs"] == ranks[1]["lrs"]  # bit for bit: the parameters stay replicas
     assert ranks[0]["lrs"][-1] < 1e-4 + 0.1 * 9e-4  # the cosine ran out with the budget
 
