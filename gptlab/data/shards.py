@@ -37,7 +37,9 @@ HEADER_BYTES = HEADER_INTS * 4
 # magic -> (version, token dtype, what the tokens are)
 KINDS = {20240520: (1, np.dtype("<u2"), "gpt2"), 20240801: (7, np.dtype("<u4"), "llama3")}
 RAW_NAMES = ("train.bin", "val.bin")  # nanoGPT's headerless uint16 files
-MAX_OPEN = 32
+# shards mapped at once: FineWeb 10B's 104 files stay mapped (a map that is closed and reopened per batch
+# costs more than the batch); each open map holds one file descriptor, well under the usual limit of 1024
+MAX_OPEN = 256
 
 
 @dataclass(frozen=True)
