@@ -5,7 +5,7 @@ Cost: the time to make one training batch the way TokenDataModule does (gptlab.d
 .batch, plus SourceCounts.add for a mixture) in the quick preset's shape (batch 12 x block 64), for
   - one prepared token array (the baseline, a memmap of --mb MB),
   - a mixture of 2 sources (that array and a second, weights 0.7 / 0.3),
-  - 100 llm.c shards of --mb MB each (drawn over all of them, at most 32 memory-mapped at a time),
+  - 100 llm.c shards of --mb MB each (drawn over all of them, as many memory-mapped at a time as gptlab.data.shards.MAX_OPEN allows),
 divided by the median time of a quick-preset training step (gpt_micro, char vocabulary, AdamW, the raw
 forward/backward/step of bench/train_throughput.py's raw loop, measured here). Goal: <= 1% each.
 
