@@ -2,8 +2,8 @@
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
 One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
-and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, with Muon (the
-default experiment's optimizer) and AdamW, some with activation checkpointing; a tp run interrupted at
+and tp for 20 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
+Muon (the default experiment's optimizer), some with activation checkpointing; a tp run interrupted at
 step 10 and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
 reads. float32 throughout: the losses must agree to 1e-5.
@@ -40,9 +40,10 @@ BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"train
         "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", "callbacks.health.interval=10"]
 LLAMA = ["model=llama_nano", "model.n_embd=32", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
          "model.block_size=32", "model.qk_norm=true"]
-# the default experiment trains with Muon; AdamW for the Llama-style model too
+# the GPT-2 default trains with AdamW, the Llama-style model with Muon (the default experiment's optimizer)
+GPT = ["optim=adamw"]
 SAMPLING = [o for o in BASE if o != "~callbacks.text_sample"]  # TextSample generates on every rank: the KV cache
-MODELS = {"gpt": [], "llama": LLAMA, "adamw": [*LLAMA, "optim=adamw"]}
+MODELS = {"gpt": GPT, "llama": LLAMA}
 DDP = ["trainer=ddp_cpu"]
 FSDP2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
 TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -51,7 +52,7 @@ AC = ["model.activation_checkpointing=true"]
 TENSORBOARD = ["logger=tensorboard"]  # (after BASE's logger=none: the last one counts)
 HALF = ["trainer.max_steps=10", "trainer.val_check_interval=10", f"optim.decay_steps={STEPS}"]
 # fsdp2_gpt's run as train.py runs it, with a sharded checkpoint every 4 steps: killed, then resumed
-KILLED = [*(o for o in BASE if o != "~callbacks.periodic_checkpoint"), *FSDP2,
+KILLED = [*(o for o in BASE if o != "~callbacks.periodic_checkpoint"), *GPT, *FSDP2,
           "callbacks.periodic_checkpoint.every_n_train_steps=4", "callbacks.periodic_checkpoint.save_top_k=-1"]
 # two token-shard sources where token i of source s is s * MIX_N + i: a window's first token says where it starts
 MIX_N, B = 25_000, 8
@@ -87,15 +88,12 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
                                    step=4, tensorboard=False)
     refs = [(f"ref_{m}", [*BASE, *model, *NO_CKPT, *(TENSORBOARD if m == "llama" else [])]) for m, model in MODELS.items()]
     jobs = [
-        ("ddp_gpt", [*BASE, *DDP, *NO_CKPT]),
-        ("fsdp2_gpt", [*SAMPLING, *FSDP2]),
-        ("tp_gpt", [*BASE, *TP, *AC, *NO_CKPT]),
+        ("ddp_gpt", [*BASE, *GPT, *DDP, *NO_CKPT]),
+        ("fsdp2_gpt", [*SAMPLING, *GPT, *FSDP2]),
+        ("tp_gpt", [*BASE, *GPT, *TP, *AC, *NO_CKPT]),
         ("ddp_llama", [*BASE, *LLAMA, *DDP, *NO_CKPT]),
         ("fsdp2_llama", [*BASE, *LLAMA, *FSDP2, *AC, *NO_CKPT, "model.compile=aot_eager"]),
         ("tp_llama", [*SAMPLING, *LLAMA, *TP, *TENSORBOARD]),
-        ("ddp_adamw", [*BASE, *MODELS["adamw"], *DDP, *NO_CKPT]),
-        ("fsdp2_adamw", [*BASE, *MODELS["adamw"], *FSDP2, *NO_CKPT]),
-        ("tp_adamw", [*BASE, *MODELS["adamw"], *TP, *NO_CKPT]),
         ("tp_half", [*BASE, *LLAMA, *TP, *HALF]),
         # the resumed runs: ckpt_path points at the killed run's newest and the interrupted run's last sharded checkpoint
         ("fsdp2_resumed", [*KILLED, f"ckpt_path={killed}"]),
@@ -110,7 +108,7 @@ def close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
     return len(a) == len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b)) < tol
 
 
-@pytest.mark.parametrize("model", ["gpt", "llama", "adamw"])
+@pytest.mark.parametrize("model", list(MODELS))
 def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
     """FSDP2 on 2 processes trains as DDP on 2; TP on 2 (both ranks on one batch) as one process."""
     _, r = runs
@@ -243,7 +241,7 @@ def test_sharded_checkpoints_resume_on_another_mesh(runs, tmp_path):
     it moves those runs on to step 22)."""
     out, r = runs
     try:
-        for name, model in (("fsdp2_gpt", []), ("tp_llama", LLAMA)):
+        for name, model in (("fsdp2_gpt", GPT), ("tp_llama", LLAMA)):
             ckpt = out / name / "checkpoints" / "last.ckpt"
             value = run_train([*BASE, *model, *FSDP2, "trainer.devices=1", "trainer.max_steps=22",
                                f"ckpt_path={ckpt}"], tmp_path / name)
