@@ -10,7 +10,7 @@ import torch
 from gptlab.data import TokenDataModule
 from gptlab.data.datasets import FixedWindows
 
-from conftest import SHAKESPEARE, TINY, read_scalars, read_texts, run_script, train_args
+from conftest import SHAKESPEARE, TINY, read_scalars, read_texts, train_args
 from inprocess import run_main, run_sample, run_train
 
 
@@ -85,32 +85,27 @@ def test_bpe_corpus_trains_and_samples(data_dir, tmp_path):
     assert scalars["val/bpb"][-1][1] == pytest.approx(expected, rel=1e-4)
 
 
-# -- the command lines (subprocesses) -------------------------------------------------------------------
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
+# -- the command lines: train.py's and sample.py's main, Hydra and error handling included -----------------
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, err[-2000:]
     for needle in needles:
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.slow
-def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, data_dir):
+def test_train_py_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, data_dir, capfd):
     """(Each kind of bad value is tested in-process, test_config.py; this is the command line's side.)"""
     run_dir = tmp_path / "run"
-    proc = run_script("train.py", train_args(run_dir, "trainer.max_steps=abc"), data_dir, check=False)
-    _one_line_error(proc, "trainer.max_steps='abc': expected an integer")
+    code = run_main(train_args(run_dir, "trainer.max_steps=abc"))
+    _one_line_error(code, capfd.readouterr().err, "trainer.max_steps='abc': expected an integer")
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
 
 
 def test_sample_py_reports_a_mistake_in_one_line(data_dir, capfd):
     """(Sampling itself runs in-process above; this is sample.py's main, Hydra and error handling included.)"""
-    code = run_main([], name="sample")
-    err = capfd.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
-    assert code == 1 and "Traceback" not in err and len(errors) == 1, err[-2000:]
-    assert "no checkpoint: pass ckpt_path=" in errors[0]
+    _one_line_error(run_main([], name="sample"), capfd.readouterr().err, "no checkpoint: pass ckpt_path=")
 
 
 @pytest.mark.parametrize("override, message", [
