@@ -50,11 +50,12 @@ def test_optuna_study_survives_a_diverging_trial(tmp_path, data_dir, capfd):
     assert_failed_and_finished(job_dirs)
 
 
-def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir):
+def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir, capfd):
+    """A sweep SIGKILLed during its second trial, then the same command again (in this process)."""
     sweep_dir = tmp_path / "resumed"
-    args = [str(ROOT / "train.py"), *optuna_args(sweep_dir, 3, "optim.lr=tag(log,interval(1e-4,3e-3))",
-                                                 "trainer.max_steps=6", "trainer.val_check_interval=3")]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env_for(data_dir),
+    args = optuna_args(sweep_dir, 3, "optim.lr=tag(log,interval(1e-4,3e-3))", "trainer.max_steps=6",
+                       "trainer.val_check_interval=3")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env_for(data_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (sweep_dir / "1" / ".hydra").exists() and proc.poll() is None and time.time() < deadline:
@@ -65,9 +66,7 @@ def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir):
     before = {t.number: t.state.name for t in study(sweep_dir).trials}
     assert before[0] == "COMPLETE" and before[1] == "RUNNING"
 
-    rerun = subprocess.run([sys.executable, *args], cwd=ROOT, env=env_for(data_dir), capture_output=True, text=True,
-                           timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert run_main(args) == 0, capfd.readouterr().err[-3000:]
     trials = study(sweep_dir).trials
     assert trials[0].state.name == "COMPLETE" and trials[0].params == study(sweep_dir).trials[0].params
     assert trials[1].state.name == "FAIL" and trials[1].system_attrs["gptlab_killed"]  # not counted
@@ -76,13 +75,22 @@ def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir):
     assert len({t.number for t in done}) == 3 and all((sweep_dir / str(t.number) / "DONE").is_file() for t in done)
 
 
-def test_two_sweepers_share_one_study(tmp_path, data_dir):
+def test_two_sweepers_share_one_study(tmp_path, data_dir, capfd):
+    """One sweeper in a process of its own, the other in this process, started once the first one runs a
+    trial (a Python start takes seconds, in which this one could take the whole budget)."""
     sweep_dir = tmp_path / "shared"
-    args = [sys.executable, str(ROOT / "train.py"), *optuna_args(sweep_dir, 4, "optim.lr=tag(log,interval(1e-4,3e-3))")]
-    procs = [subprocess.Popen(args + [f"hydra.job.name=sweeper{i}"], cwd=ROOT, env=env_for(data_dir),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    args = optuna_args(sweep_dir, 4, "optim.lr=tag(log,interval(1e-4,3e-3))")
+    other = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "hydra.job.name=sweeper0"], cwd=ROOT,
+                             env=env_for(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (sweep_dir / "0" / ".hydra").exists() and other.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        code = run_main([*args, "hydra.job.name=sweeper1"])
+    finally:
+        _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err[-2000:]
+    assert code == 0, capfd.readouterr().err[-2000:]
     done = counted(study(sweep_dir).trials)
     assert [t.state.name for t in done] == ["COMPLETE"] * 4  # the budget was split, not doubled
     owners = {t.system_attrs["gptlab_owner"].rsplit("-", 1)[0] for t in done}
