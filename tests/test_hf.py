@@ -768,15 +768,18 @@ def test_sample_py_from_hf_directory(gpt2_vocab_hf, tmp_path):
     assert run_sample([f"ckpt_path={bare}", "tokenizer=gpt2", *args]) == [expected]
 
 
-def test_cli_subprocess_smoke(tmp_path):
-    """`python -m gptlab.hf` itself (user errors are tested in-process, through main)."""
+def test_python_m_gptlab_hf(tmp_path, monkeypatch, capsys):
+    """`python -m gptlab.hf` itself, its __main__ run as Python runs it (user errors are tested through main)."""
+    import runpy
+
     ckpt = gptlab_ckpt(tmp_path / "c.ckpt", dict(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8),
                        CharTokenizer(CHARS).state_dict())
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "gptlab.hf", "export", str(ckpt), str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert one_line(proc.stdout) and "GPT-2 with" in proc.stdout
+    monkeypatch.setattr(sys, "argv", ["gptlab.hf", "export", str(ckpt), str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("gptlab.hf", run_name="__main__", alter_sys=True)
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert one_line(out) and "GPT-2 with" in out
     assert (tmp_path / "out" / "gptlab_tokenizer.json").is_file()
 
 
