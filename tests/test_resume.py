@@ -10,8 +10,8 @@ import torch
 from gptlab import checkpoint
 from gptlab.errors import CheckpointError
 
-from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars, run_script, train_args
-from inprocess import run_train
+from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars, train_args
+from inprocess import run_main, run_train
 
 pytestmark = pytest.mark.slow  # a SIGKILL'd train.py subprocess and its resume
 
@@ -27,10 +27,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
     newest = kill_after_checkpoint(crashed, train_args(crashed, *RESUME_ARGS), data_dir, step=12)
     assert 12 <= int(newest.stem[4:]) < 40
 
-    # resume that checkpoint from a new invocation: it continues in its own run directory, and the new
-    # invocation's directory does not stay behind (its config is kept in the run's .hydra/resumed-*/)
+    # resume that checkpoint from a new invocation (train.py's main, in this process): it continues in its own
+    # run directory, and the new invocation's directory does not stay behind (its config is kept in the
+    # run's .hydra/resumed-*/)
     stray = tmp_path / "stray"
-    run_script("train.py", train_args(stray, *RESUME_ARGS, f"ckpt_path={newest}"), data_dir)
+    assert run_main(train_args(stray, *RESUME_ARGS, f"ckpt_path={newest}")) == 0
     assert not stray.exists()
     assert [p.name for p in (crashed / ".hydra").glob("resumed-*/config.yaml")] == ["config.yaml"]
 
