@@ -61,7 +61,8 @@ def model_of(size: dict[str, Any]):
     return build_model({k: v for k, v in size.items() if k != "batch"})
 
 
-def state_rank(rank: int, world: int, port: int, size: dict, kind: str) -> dict[str, Any]:
+def state_rank(rank: int, world: int, port: int, size: dict, kinds: list[str]) -> dict[str, dict[str, Any]]:
+    """{kind: figures} of one rank, for each strategy of `kinds` in turn."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
@@ -69,43 +70,46 @@ def state_rank(rank: int, world: int, port: int, size: dict, kind: str) -> dict[
 
     from gptlab.training.parallel import parallelize
 
-    model = model_of(size)
-    if kind == "ddp":
-        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True)
-    else:
-        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        parallelize(model, mesh)
-        wrapped = model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    x = torch.randint(0, size["vocab_size"], (size["batch"], size["block_size"]))
-    wrapped(x).float().logsumexp(-1).mean().backward()
-    optimizer.step()
-    params = list(model.parameters())
-    states = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    result = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
-              "optimizer": local_bytes(states),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    dist.barrier()
+    results = {}
+    for kind in kinds:
+        model = model_of(size)
+        if kind == "ddp":
+            wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True)
+        else:
+            mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+            parallelize(model, mesh)
+            wrapped = model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        x = torch.randint(0, size["vocab_size"], (size["batch"], size["block_size"]))
+        wrapped(x).float().logsumexp(-1).mean().backward()
+        optimizer.step()
+        params = list(model.parameters())
+        states = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        results[kind] = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+                         "optimizer": local_bytes(states),
+                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        dist.barrier()
     dist.destroy_process_group()
-    return result
+    return results
 
 
 def training_state(which: str, world: int = 2) -> dict[str, Any]:
-    """Each strategy's ranks fresh processes (this script with --rank), so that each peak RSS is its own;
-    their figures back as JSON: {"ranks": {rank: {strategy: figures}}}."""
+    """The ranks are processes of this script (--rank), their figures back as JSON: {"ranks": {rank:
+    {strategy: figures}}}. Each strategy gets fresh processes, so that each peak RSS is its own; --tiny
+    runs both in one pair of processes (its peak RSS of fsdp2 is then the larger of the two)."""
     ranks: dict[int, dict[str, Any]] = {r: {} for r in range(world)}
-    for kind in ("ddp", "fsdp2"):
+    for kinds in (["ddp,fsdp2"] if which == "tiny" else ["ddp", "fsdp2"]):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         with tempfile.TemporaryDirectory() as tmp:
             procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--port",
-                                       str(port), "--size", which, "--kind", kind, "--out", f"{tmp}/{r}.json"])
+                                       str(port), "--size", which, "--kind", kinds, "--out", f"{tmp}/{r}.json"])
                      for r in range(world)]
             if any(p.wait(timeout=900) for p in procs):
-                raise RuntimeError(f"a rank of the {kind} training-state measurement failed")
+                raise RuntimeError(f"a rank of the {kinds} training-state measurement failed")
             for r in range(world):
-                ranks[r][kind] = json.loads(Path(f"{tmp}/{r}.json").read_text())
+                ranks[r].update(json.loads(Path(f"{tmp}/{r}.json").read_text()))
     return {"world": world, "params": model_of(SIZES[which]).num_params(), "ranks": ranks}
 
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank is not None:
-        result = state_rank(args.rank, args.world, args.port, SIZES[args.size], args.kind)
+        result = state_rank(args.rank, args.world, args.port, SIZES[args.size], args.kind.split(","))
         Path(args.out).write_text(json.dumps(result))
         return result
     which = "tiny" if args.tiny else "full"
