@@ -98,9 +98,13 @@ def run_main_captured(args: list[str], name: str = "train") -> tuple[int, str, s
 
 def run_main(args: list[str], name: str = "train") -> int:
     """`python <name>.py <args>` in this process, Hydra and all (a multirun with its sweeper, launcher
-    and callbacks): its exit status."""
-    saved = sys.argv
+    and callbacks): its exit status. With trainer=ddp_cpu this process is rank 0 and Lightning starts
+    the other ranks as it would from the script: `python <name>.py <args>` (__main__ has no __spec__ then;
+    under `python -m pytest` it has one, and Lightning would start `python -m pytest.__main__ <args>`)."""
+    saved, main_module = sys.argv, sys.modules["__main__"]
+    saved_spec = main_module.__spec__
     sys.argv = [str(ROOT / f"{name}.py"), *args]
+    main_module.__spec__ = None
     main = script(name).main
     main.__wrapped__.__module__ = "__main__"  # so Hydra looks for conf/ beside the script, as when run as one
     try:
@@ -110,5 +114,5 @@ def run_main(args: list[str], name: str = "train") -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     finally:
-        sys.argv = saved
+        sys.argv, main_module.__spec__ = saved, saved_spec
         GlobalHydra.instance().clear()

@@ -17,7 +17,7 @@ from gptlab.data import TokenDataModule
 from gptlab.training.optim import lr_factor
 
 from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script, train_args
-from inprocess import run_sample
+from inprocess import run_main, run_sample
 from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -180,20 +180,22 @@ def test_ddp_checkpoint_loads_and_samples(ddp_run, data_dir):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 10
 
 
-def test_ddp_time_budget_gives_every_rank_the_same_schedule(tmp_path, data_dir):
-    """trainer.max_time under DDP: rank 0's clock drives the LR on both ranks and the stop."""
+def test_ddp_time_budget_gives_every_rank_the_same_schedule(tmp_path, data_dir, monkeypatch):
+    """trainer.max_time under DDP: rank 0's clock drives the LR on both ranks and the stop. (Rank 0 is
+    this process: train.py's main in-process; Lightning starts rank 1.)"""
     run_dir = tmp_path / "run"
-    run_script("train.py", train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=-1",
-                                      "trainer.max_time={seconds: 4}", "trainer.val_check_interval=100000",
-                                      "optim.warmup_steps=2", "optim.lr=1e-3", "optim.min_lr=1e-4", *PROBE),
-               data_dir, **PROBE_ENV)
+    monkeypatch.setenv("PYTHONPATH", PROBE_ENV["PYTHONPATH"])
+    assert run_main(train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=-1",
+                               "trainer.max_time={seconds: 4}", "trainer.val_check_interval=100000",
+                               "optim.warmup_steps=2", "optim.lr=1e-3", "optim.min_lr=1e-4", *PROBE)) == 0
     ranks = probes(run_dir)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 2  # past the warmup, however loaded the machine
     assert ranks[0]["lrs"] == ranks[1]["lrs"]  # bit for bit: the parameters stay replicas
     assert ranks[0]["lrs"][-1] < 1e-4 + 0.1 * 9e-4  # the cosine ran out with the budget
 
 
-def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir):
+def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir, monkeypatch, capfd):
+    """The sweep runs in this process (train.py's main), each job's rank 0 too; the launcher starts rank 1."""
     sweep_dir = tmp_path / "sweep"
     args = [
         "-m",
@@ -207,8 +209,10 @@ def test_multirun_with_ddp_gives_one_job_per_point(tmp_path, data_dir):
         "optim.lr=1e-3,2e-3",
         *PROBE,
     ]
-    proc = run_script("train.py", args, data_dir, **PROBE_ENV)
-    output = proc.stdout + proc.stderr
+    monkeypatch.setenv("PYTHONPATH", PROBE_ENV["PYTHONPATH"])
+    code = run_main(args)
+    output = "".join(capfd.readouterr())
+    assert code == 0, output[-3000:]
     # one sweep of two jobs: the relaunched ranks started no sweeps of their own
     assert output.count("Launching 2 jobs locally") == 1
     assert len(re.findall(r"\t#0 : ", output)) == 1 and len(re.findall(r"\t#1 : ", output)) == 1

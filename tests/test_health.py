@@ -15,8 +15,8 @@ from gptlab.config import validate_train
 from gptlab.errors import ConfigError, LossSpikeError, NonFiniteLossError
 from gptlab.training.health import max_attention_logit
 
-from conftest import SHAKESPEARE, TINY, read_scalars, run_script, train_args
-from inprocess import compose_config, run_train
+from conftest import SHAKESPEARE, TINY, read_scalars, train_args
+from inprocess import compose_config, run_main, run_train
 
 PROBE = "+callbacks.probe._target_=health_probes.Probe"
 # spikes judged from step 6 on, checkpoints every 4 steps kept, the schedule independent of max_steps
@@ -197,13 +197,14 @@ def test_diverging_run_stops_with_the_non_finite_error(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir):
-    # 2 CPU processes, rank 1 alone sees the corrupted batch: both skip that step, weights stay equal
+def test_ddp_ranks_take_the_same_decision(tmp_path, data_dir, monkeypatch):
+    # 2 CPU processes (rank 0: train.py's main in this one), rank 1 alone sees the corrupted batch: both
+    # skip that step, weights stay equal
     run_dir = tmp_path / "ddp"
-    run_script("train.py", train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=10", *GUARD,
-                                      "callbacks.health.interval=5",
-                                      "callbacks.spikes.policy=skip", PROBE, "+callbacks.probe.corrupt_step=8",
-                                      "+callbacks.probe.corrupt_rank=1"), data_dir, PYTHONPATH=str(Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    assert run_main(train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=10", *GUARD,
+                               "callbacks.health.interval=5", "callbacks.spikes.policy=skip", PROBE,
+                               "+callbacks.probe.corrupt_step=8", "+callbacks.probe.corrupt_rank=1")) == 0
     ranks = [probe_record(run_dir, r) for r in (0, 1)]
     assert [(e["step"], e["action"]) for e in ranks[0]["events"]] == [(8, "skip")]
     assert ranks[0]["events"] == ranks[1]["events"]
