@@ -105,7 +105,6 @@ def pytest_configure(config):
     except Exception as e:
         raise pytest.UsageError(f"tiktoken cannot load GPT-2's BPE ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR "
                                 f"to a directory with tiktoken's cached files, or run once with network access") from None
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -89,11 +90,21 @@ def run_sample(overrides: list[str]) -> list[str]:
 
 
 def run_main_captured(args: list[str], name: str = "train") -> tuple[int, str, str]:
-    """`run_main`, with what it printed: (exit status, stdout, stderr)."""
+    """`run_main`, with what it printed, the processes it started (DDP ranks) included: (exit status,
+    stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_main(args, name)
-    return code, out.getvalue(), err.getvalue()
+    with tempfile.TemporaryFile() as fd1, tempfile.TemporaryFile() as fd2:
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fd1.fileno(), 1), os.dup2(fd2.fileno(), 2)  # what child processes inherit
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = run_main(args, name)
+        finally:
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+        children = [f.seek(0) or f.read().decode(errors="replace") for f in (fd1, fd2)]
+    return code, out.getvalue() + children[0], err.getvalue() + children[1]
 
 
 def run_main(args: list[str], name: str = "train") -> int:

@@ -1,8 +1,8 @@
 """A callback for tests that run train.py in subprocesses: every rank records what it trained on.
 
 Add it with `+callbacks.probe._target_=rank_probe.RankProbe` and PYTHONPATH=tests; each rank writes
-<run dir>/probe_rank<r>.json with its rank, world size, learning rates and the input windows of every
-training micro-batch.
+<run dir>/probe_rank<r>.json with its rank, world size, intra-op threads, learning rates and the input
+windows of every training micro-batch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class RankProbe(L.Callback):
@@ -26,6 +27,7 @@ class RankProbe(L.Callback):
         record = {
             "global_rank": trainer.global_rank,
             "world_size": trainer.world_size,
+            "threads": torch.get_num_threads(),
             "initial_lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
             "global_step": trainer.global_step,
             "batches": self.batches,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +17,8 @@ import yaml
 from gptlab.data import TokenDataModule
 from gptlab.training.optim import lr_factor
 
-from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, run_script, train_args
-from inprocess import run_main, run_sample
+from conftest import ROOT, SHAKESPEARE, TINY, read_scalars, train_args
+from inprocess import kept_environ, run_main, run_main_captured, run_sample
 from eval_items import TRAIN_CHOICE, TRAIN_CLOZE, native, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -48,10 +49,13 @@ def eval_tasks(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, data_dir, eval_tasks) -> tuple[Path, str]:
+    """train.py's main in this process (rank 0), which starts rank 1 as from the script; what both printed."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    proc = run_script(
-        "train.py",
-        train_args(
+    threads = torch.get_num_threads()
+    with kept_environ():
+        os.environ.update(PROBE_ENV)
+        os.environ.pop("OMP_NUM_THREADS", None)  # (the suite's workers set it): the launcher's own share of the cores
+        code, out, err = run_main_captured(train_args(
             run_dir,
             "trainer=ddp_cpu",
             "trainer.devices=2",
@@ -66,11 +70,10 @@ def ddp_run(tmp_path_factory, data_dir, eval_tasks) -> tuple[Path, str]:
             "callbacks=eval",
             f"callbacks.eval.tasks=[{eval_tasks[0]},{eval_tasks[1]}]",
             "callbacks.eval.limit=null",
-        ),
-        data_dir,
-        **PROBE_ENV,
-    )
-    return run_dir, proc.stdout + proc.stderr
+        ))
+    torch.set_num_threads(threads)
+    assert code == 0, err[-3000:]
+    return run_dir, out + err
 
 
 def test_ddp_ranks_draw_different_windows(ddp_run, data_dir):
@@ -90,6 +93,15 @@ def test_ddp_ranks_draw_different_windows(ddp_run, data_dir):
         dataset = dm.train_dataset()
         for k in (0, 7):
             assert dataset.batch(k)[0].tolist() == ranks[rank]["batches"][k]
+
+
+def test_ddp_cpu_ranks_share_the_cores(ddp_run):
+    """Each of 2 CPU processes computes with half the cores' threads (Lightning's launcher sets them where
+    OMP_NUM_THREADS is not set), not one per core: they would spin against each other at every collective
+    (5-8x fewer steps in the time-budget test below)."""
+    run_dir, _ = ddp_run
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert [r["threads"] for r in probes(run_dir).values()] == [max(1, cores // 2)] * 2
 
 
 def test_ddp_only_rank_zero_writes(ddp_run):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHAKESPEARE, TINY, mlflow_store, run_script
+from conftest import SHAKESPEARE, TINY, mlflow_store
 from inprocess import run_main
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,16 @@ def test_a_diverging_job_is_recorded_and_the_grid_goes_on(tmp_path, data_dir, mo
     assert {r.info.run_name.split(",")[-1]: r.info.status for r in found} == {names[0]: "FAILED", names[1]: "FINISHED"}
 
 
-def test_submitit_local_launcher_runs_jobs_in_their_own_processes_and_fails_alone(tmp_path, data_dir):
+def test_submitit_local_launcher_runs_jobs_in_their_own_processes_and_fails_alone(tmp_path, data_dir, capfd):
     """The SLURM path (hydra/launcher=slurm is submitit_slurm) with submitit's local executor: only the
-    scheduler itself is left untested. Each job is a process of its own (as with hydra/launcher=joblib):
-    its FAILED / DONE marker is what the sweep's tally reads."""
+    scheduler itself is left untested. The sweep runs in this process (train.py's main); each job is a
+    process of its own (as with hydra/launcher=joblib): its FAILED / DONE marker is what the sweep's
+    tally reads."""
     sweep_dir = tmp_path / "submitit"
-    proc = run_script("train.py", sweep_args(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                                             f"optim.lr={DIVERGE},{FINE}"), data_dir, check=False)
-    assert proc.returncode == 1 and "2 jobs: 1 finished, 1 failed" in proc.stderr, proc.stderr[-3000:]
+    code = run_main(sweep_args(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                               f"optim.lr={DIVERGE},{FINE}"))
+    err = capfd.readouterr().err
+    assert code == 1 and "2 jobs: 1 finished, 1 failed" in err, err[-3000:]
     job_dirs = jobs(sweep_dir)
     assert list(job_dirs) == ["0", "1"]
     assert_failed_and_finished(job_dirs)
