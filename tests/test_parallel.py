@@ -2,9 +2,9 @@
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
 One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
-and tp for 20 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
+and tp for 12 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
 Muon (the default experiment's optimizer), some with activation checkpointing; a tp run interrupted at
-step 10 and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
+half way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
 reads. float32 throughout: the losses must agree to 1e-5.
 """
@@ -34,10 +34,10 @@ from parallel_worker import worker
 
 pytestmark = pytest.mark.slow
 
-STEPS = 20
+STEPS, HALF = 12, 6
 BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "logger=none", "~callbacks.text_sample", "~callbacks.attention_maps", "~callbacks.throughput",
-        "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", "callbacks.health.interval=10"]
+        "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", f"callbacks.health.interval={HALF}"]
 LLAMA = ["model=llama_nano", "model.n_embd=32", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
          "model.block_size=32", "model.qk_norm=true"]
 # the GPT-2 default trains with AdamW, the Llama-style model with Muon (the default experiment's optimizer)
@@ -50,7 +50,7 @@ TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
 NO_CKPT = ["~callbacks.model_checkpoint"]
 AC = ["model.activation_checkpointing=true"]
 TENSORBOARD = ["logger=tensorboard"]  # (after BASE's logger=none: the last one counts)
-HALF = ["trainer.max_steps=10", "trainer.val_check_interval=10", f"optim.decay_steps={STEPS}"]
+TO_HALF = [f"trainer.max_steps={HALF}", f"trainer.val_check_interval={HALF}", f"optim.decay_steps={STEPS}"]
 # fsdp2_gpt's run as train.py runs it, with a sharded checkpoint every 4 steps: killed, then resumed
 KILLED = [*(o for o in BASE if o != "~callbacks.periodic_checkpoint"), *GPT, *FSDP2,
           "callbacks.periodic_checkpoint.every_n_train_steps=4", "callbacks.periodic_checkpoint.save_top_k=-1"]
@@ -94,7 +94,7 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         ("ddp_llama", [*BASE, *LLAMA, *DDP, *NO_CKPT]),
         ("fsdp2_llama", [*BASE, *LLAMA, *FSDP2, *AC, *NO_CKPT, "model.compile=aot_eager"]),
         ("tp_llama", [*SAMPLING, *LLAMA, *TP, *TENSORBOARD]),
-        ("tp_half", [*BASE, *LLAMA, *TP, *HALF]),
+        ("tp_half", [*BASE, *LLAMA, *TP, *TO_HALF]),
         # the resumed runs: ckpt_path points at the killed run's newest and the interrupted run's last sharded checkpoint
         ("fsdp2_resumed", [*KILLED, f"ckpt_path={killed}"]),
         ("tp_resumed", [*BASE, *LLAMA, *TP, f"ckpt_path={out / 'tp_half' / 'checkpoints' / 'last.ckpt'}"]),
@@ -115,7 +115,7 @@ def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
     assert close(r[f"fsdp2_{model}"]["losses"], r[f"ddp_{model}"]["losses"])
     assert close(r[f"tp_{model}"]["losses"], r[f"ref_{model}"]["losses"])
     assert r[f"ddp_{model}"]["losses"] != r[f"ref_{model}"]["losses"]  # DDP saw twice the data
-    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.3  # it learns
+    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.15  # it learns
 
 
 def test_health_statistics_under_tp_equal_one_process(runs):
@@ -126,27 +126,27 @@ def test_health_statistics_under_tp_equal_one_process(runs):
     keys = [k for k in one if k.split("/")[0] in ("grad_norm", "param_norm", "update_ratio", "act_rms", "attn_logit_max")]
     assert len(keys) == 6 * 3 + 2 * 2  # other, 2 blocks and 3 groups (Muon, AdamW decay and no decay); 2 layers
     for key in keys:
-        assert [s for s, _ in tp[key]] == [s for s, _ in one[key]] == [9, 19]
+        assert [s for s, _ in tp[key]] == [s for s, _ in one[key]] == [HALF - 1, STEPS - 1]
         assert [v for _, v in tp[key]] == pytest.approx([v for _, v in one[key]], rel=1e-4), key
 
 
 def test_resume_from_sharded_checkpoints_is_exact(runs):
-    """A fsdp2 run killed with SIGKILL after a sharded checkpoint (tp: stopped at step 10) and resumed
+    """A fsdp2 run killed with SIGKILL after a sharded checkpoint (tp: stopped half way) and resumed
     ends as the uninterrupted run."""
     out, r = runs
     half = r["tp_half"]
-    assert half["losses"] == pytest.approx(r["tp_llama"]["losses"][:10], abs=1e-6)
+    assert half["losses"] == pytest.approx(r["tp_llama"]["losses"][:HALF], abs=1e-6)
     for name, full in (("fsdp2", "fsdp2_gpt"), ("tp", "tp_llama")):
         resumed, done = r[f"{name}_resumed"], STEPS - len(r[f"{name}_resumed"]["losses"])
-        assert done in ({10} if name == "tp" else {4, 8, 12, 16})
+        assert done in ({HALF} if name == "tp" else set(range(4, STEPS, 4)))
         assert resumed["losses"] == pytest.approx(r[full]["losses"][done:], abs=1e-5)
         assert resumed["val_loss"] == pytest.approx(r[full]["val_loss"], abs=1e-5)
         assert torch.allclose(torch.tensor(resumed["logits"]), torch.tensor(r[full]["logits"]), atol=1e-5)
     # the killed run's directory: its periodic checkpoints and the resumed run's, no temporaries left by the kill
     names = sorted(p.name for p in (out / "fsdp2_killed" / "checkpoints").iterdir())
-    assert names == ["best-step000020.ckpt", "last.ckpt", *(f"step{s:06d}.ckpt" for s in range(4, 21, 4))]
+    assert names == [f"best-step{STEPS:06d}.ckpt", "last.ckpt", *(f"step{s:06d}.ckpt" for s in range(4, STEPS + 1, 4))]
     ckpts = out / "fsdp2_gpt" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step000020.ckpt", "last.ckpt"]  # no temporaries
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"best-step{STEPS:06d}.ckpt", "last.ckpt"]  # no temporaries
     assert sorted(p.name for p in (ckpts / "last.ckpt").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
@@ -238,16 +238,16 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients():
 
 def test_sharded_checkpoints_resume_on_another_mesh(runs, tmp_path):
     """Shards written by 2 processes load into 1: an FSDP2 run and a TP run go on under fsdp2 alone (last:
-    it moves those runs on to step 22)."""
+    it moves those runs on by 2 steps)."""
     out, r = runs
     try:
         for name, model in (("fsdp2_gpt", GPT), ("tp_llama", LLAMA)):
             ckpt = out / name / "checkpoints" / "last.ckpt"
-            value = run_train([*BASE, *model, *FSDP2, "trainer.devices=1", "trainer.max_steps=22",
+            value = run_train([*BASE, *model, *FSDP2, "trainer.devices=1", f"trainer.max_steps={STEPS + 2}",
                                f"ckpt_path={ckpt}"], tmp_path / name)
             assert value < r[name]["val_loss"] + 0.05  # it went on from the trained weights, not from scratch
             meta = torch.load(ckpt / "meta.pt", weights_only=True)
-            assert meta["global_step"] == 22 and meta["gptlab"]["micro_step"] == 22
+            assert meta["global_step"] == meta["gptlab"]["micro_step"] == STEPS + 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
