@@ -2,9 +2,9 @@
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
 One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
-and tp for 12 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
-Muon (the default experiment's optimizer), some with activation checkpointing; a tp run interrupted at
-half way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
+and tp for 20 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
+Muon (the default experiment's optimizer), some with activation checkpointing; a tp run stopped half
+way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
 reads. float32 throughout: the losses must agree to 1e-5.
 """
@@ -12,6 +12,7 @@ reads. float32 throughout: the losses must agree to 1e-5.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from parallel_worker import worker
 
 pytestmark = pytest.mark.slow
 
-STEPS, HALF = 12, 6
+STEPS, HALF = 20, 10
 BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "logger=none", "~callbacks.text_sample", "~callbacks.attention_maps", "~callbacks.throughput",
         "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", f"callbacks.health.interval={HALF}"]
@@ -91,7 +92,7 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         ("ddp_gpt", [*BASE, *GPT, *DDP, *NO_CKPT]),
         ("fsdp2_gpt", [*SAMPLING, *GPT, *FSDP2]),
         ("tp_gpt", [*BASE, *GPT, *TP, *AC, *NO_CKPT]),
-        ("ddp_llama", [*BASE, *LLAMA, *DDP, *NO_CKPT]),
+        ("ddp_llama", [*BASE, *LLAMA, *DDP, *AC, *NO_CKPT]),
         ("fsdp2_llama", [*BASE, *LLAMA, *FSDP2, *AC, *NO_CKPT, "model.compile=aot_eager"]),
         ("tp_llama", [*SAMPLING, *LLAMA, *TP, *TENSORBOARD]),
         ("tp_half", [*BASE, *LLAMA, *TP, *TO_HALF]),
@@ -115,7 +116,7 @@ def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
     assert close(r[f"fsdp2_{model}"]["losses"], r[f"ddp_{model}"]["losses"])
     assert close(r[f"tp_{model}"]["losses"], r[f"ref_{model}"]["losses"])
     assert r[f"ddp_{model}"]["losses"] != r[f"ref_{model}"]["losses"]  # DDP saw twice the data
-    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.15  # it learns
+    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.3  # it learns
 
 
 def test_health_statistics_under_tp_equal_one_process(runs):
@@ -214,6 +215,18 @@ def test_bad_parallel_input_is_refused_before_any_process_starts(runs, tmp_path,
     with pytest.raises(CheckpointError, match="python -m gptlab.sharded consolidate"):
         run_sample([f"ckpt_path={sharded}", "max_new_tokens=5"])
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.skipif(not os.environ.get("GPTLAB_TEST_MESH"),
+                    reason="set GPTLAB_TEST_MESH=1: 4 processes on a 2 x 2 mesh (a minute of CPU on 2 cores)")
+def test_a_2x2_mesh_trains_as_ddp_on_2_processes(runs, tmp_path):
+    """trainer=tp on 4 processes with tensor_parallel_size=2: FSDP2 over 2 data-parallel groups, each of 2
+    tensor-parallel ranks. The groups draw the batches of DDP's 2 ranks, so the losses are ddp_llama's."""
+    _, r = runs
+    job = ("mesh_2x2", [*BASE, *LLAMA, *TP, *AC, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2", *NO_CKPT])
+    mp.spawn(worker, args=(4, free_port(), [], [job], str(tmp_path)), nprocs=4, join=True)
+    mesh = json.loads((tmp_path / "results.json").read_text())["mesh_2x2"]
+    assert close(mesh["losses"], r["ddp_llama"]["losses"])
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_gradients():
