@@ -111,8 +111,11 @@ def run_main(args: list[str], name: str = "train") -> int:
     """`python <name>.py <args>` in this process, Hydra and all (a multirun with its sweeper, launcher
     and callbacks): its exit status. With trainer=ddp_cpu this process is rank 0 and Lightning starts
     the other ranks as it would from the script: `python <name>.py <args>` (__main__ has no __spec__ then;
-    under `python -m pytest` it has one, and Lightning would start `python -m pytest.__main__ <args>`)."""
-    saved, main_module = sys.argv, sys.modules["__main__"]
+    under `python -m pytest` it has one, and Lightning would start `python -m pytest.__main__ <args>`).
+    The launcher gives this process its share of the cores; later tests get the threads they had."""
+    import torch
+
+    saved, main_module, threads = sys.argv, sys.modules["__main__"], torch.get_num_threads()
     saved_spec = main_module.__spec__
     sys.argv = [str(ROOT / f"{name}.py"), *args]
     main_module.__spec__ = None
@@ -126,4 +129,5 @@ def run_main(args: list[str], name: str = "train") -> int:
         return e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv, main_module.__spec__ = saved, saved_spec
+        torch.set_num_threads(threads)
         GlobalHydra.instance().clear()

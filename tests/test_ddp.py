@@ -51,7 +51,6 @@ def eval_tasks(tmp_path_factory) -> list[Path]:
 def ddp_run(tmp_path_factory, data_dir, eval_tasks) -> tuple[Path, str]:
     """train.py's main in this process (rank 0), which starts rank 1 as from the script; what both printed."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    threads = torch.get_num_threads()
     with kept_environ():
         os.environ.update(PROBE_ENV)
         os.environ.pop("OMP_NUM_THREADS", None)  # (the suite's workers set it): the launcher's own share of the cores
@@ -71,7 +70,6 @@ def ddp_run(tmp_path_factory, data_dir, eval_tasks) -> tuple[Path, str]:
             f"callbacks.eval.tasks=[{eval_tasks[0]},{eval_tasks[1]}]",
             "callbacks.eval.limit=null",
         ))
-    torch.set_num_threads(threads)
     assert code == 0, err[-3000:]
     return run_dir, out + err
 

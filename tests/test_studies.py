@@ -35,6 +35,13 @@ def counted(trials) -> list:
     return [t for t in trials if not t.system_attrs.get("gptlab_killed") and not t.system_attrs.get("gptlab_surplus")]
 
 
+def wait_for_trial(sweep_dir: Path, number: int, proc: subprocess.Popen) -> None:
+    """Until the sweep in `proc` has started trial `number` (its job directory has its config), or ended."""
+    deadline = time.time() + 240
+    while not (sweep_dir / str(number) / ".hydra").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def test_optuna_study_survives_a_diverging_trial(tmp_path, data_dir, capfd):
     sweep_dir = tmp_path / "optuna"
     code = run_main(optuna_args(sweep_dir, 4, f"optim.lr=choice({DIVERGE},{FINE})", "seed=7"))
@@ -57,9 +64,7 @@ def test_killed_optuna_sweep_continues_to_exactly_n_trials(tmp_path, data_dir, c
                        "trainer.val_check_interval=3")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env_for(data_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (sweep_dir / "1" / ".hydra").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_trial(sweep_dir, 1, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
@@ -83,9 +88,7 @@ def test_two_sweepers_share_one_study(tmp_path, data_dir, capfd):
     other = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "hydra.job.name=sweeper0"], cwd=ROOT,
                              env=env_for(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while not (sweep_dir / "0" / ".hydra").exists() and other.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_trial(sweep_dir, 0, other)
         code = run_main([*args, "hydra.job.name=sweeper1"])
     finally:
         _, err = other.communicate(timeout=300)
