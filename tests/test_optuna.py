@@ -42,10 +42,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*command: str) -> subprocess.Popen:
-    """A server in a process group of its own (mlflow server starts workers), stopped by `stop`."""
+def start_server(*command: str, **env: str) -> subprocess.Popen:
+    """A server in a process group of its own (mlflow server starts workers), stopped by `stop`; `env`
+    is added to the test's environment."""
     return subprocess.Popen([str(Path(sys.executable).parent / command[0]), *command[1:]], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
 
 
 def stop(proc: subprocess.Popen) -> None:
