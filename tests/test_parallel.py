@@ -2,8 +2,8 @@
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
 One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
-and tp for 20 steps of the GPT-2 default with AdamW and of a Llama-style model with GQA and QK-norm with
-Muon (the default experiment's optimizer), some with activation checkpointing; a tp run stopped half
+and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, each with AdamW
+and with Muon (the default experiment's optimizer), some with activation checkpointing; a tp run stopped half
 way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
 reads. float32 throughout: the losses must agree to 1e-5.
@@ -41,10 +41,12 @@ BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"train
         "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", f"callbacks.health.interval={HALF}"]
 LLAMA = ["model=llama_nano", "model.n_embd=32", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
          "model.block_size=32", "model.qk_norm=true"]
-# the GPT-2 default trains with AdamW, the Llama-style model with Muon (the default experiment's optimizer)
 GPT = ["optim=adamw"]
 SAMPLING = [o for o in BASE if o != "~callbacks.text_sample"]  # TextSample generates on every rank: the KV cache
-MODELS = {"gpt": GPT, "llama": LLAMA}
+# the GPT-2 default and the Llama-style model, each with AdamW and with Muon (the default experiment's optimizer);
+# gpt and llama also run the checkpoint, resume, sampling and health jobs
+MODELS = {"gpt": GPT, "gpt_muon": [], "llama": LLAMA, "llama_adamw": [*LLAMA, "optim=adamw"]}
+PLAIN = ("gpt_muon", "llama_adamw")  # only the equality jobs
 DDP = ["trainer=ddp_cpu"]
 FSDP2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
 TP = ["trainer=tp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -100,6 +102,8 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         ("fsdp2_resumed", [*KILLED, f"ckpt_path={killed}"]),
         ("tp_resumed", [*BASE, *LLAMA, *TP, f"ckpt_path={out / 'tp_half' / 'checkpoints' / 'last.ckpt'}"]),
         ("ddp_mix", mix_job(mixture(out / "mix"))),
+        *((f"{name}_{m}", [*BASE, *MODELS[m], *strategy, *NO_CKPT]) for m in PLAIN
+          for name, strategy in (("ddp", DDP), ("fsdp2", FSDP2), ("tp", TP))),
     ]
     mp.spawn(worker, args=(2, free_port(), refs, jobs, str(out)), nprocs=2, join=True)
     return out, json.loads((out / "results.json").read_text())
