@@ -1,4 +1,5 @@
-"""One rank of the multi-process tests of tests/test_parallel.py, started by torch.multiprocessing.spawn.
+"""The ranks of the multi-process tests of tests/test_parallel.py: rank 0 in the test's process, the
+others started by torch.multiprocessing (`run_ranks`).
 
 Each rank runs a list of jobs through train.py's `train(cfg)` in this process (LOCAL_RANK & co. in the
 environment tell Lightning that the processes exist already, so it launches none); the process group
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import traceback
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.multiprocessing as mp
 
 RECORDS: list[dict] = []  # one per finished job, in order
 PROBE = "+callbacks.probe._target_=parallel_worker.LossProbe"
@@ -63,8 +68,46 @@ def run_jobs(jobs: list[tuple[str, list[str]]], out: Path) -> dict:
     return results
 
 
+def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) -> None:
+    """`worker` on `world` ranks: rank 0 in this process, the others spawned (one fresh Python fewer to
+    import torch and Lightning). As Lightning's launcher does, a rank that fails kills this process:
+    rank 0 would otherwise wait in a collective until gloo's timeout."""
+    from inprocess import kept_environ
+
+    others = [mp.get_context("spawn").Process(target=worker, args=(r, world, port, [], jobs, str(out)), daemon=True)
+              for r in range(1, world)]
+    for p in others:
+        p.start()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1):
+            failed = [p for p in others if p.exitcode not in (None, 0)]
+            if failed:
+                errors = "".join(f.read_text() for f in sorted(out.glob("error*.txt")))
+                print(f"rank(s) exited with {[p.exitcode for p in failed]}; killing rank 0 (this process)\n{errors}",
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        with kept_environ():
+            worker(0, world, port, references, jobs, str(out))
+        for p in others:
+            p.join()
+        assert all(p.exitcode == 0 for p in others), [p.exitcode for p in others]
+    finally:
+        done.set()
+        for p in others:
+            p.kill()
+
+
 def worker(rank: int, world: int, port: int, references: list, jobs: list, out: str) -> None:
     out = Path(out)
+    threads = torch.get_num_threads()
+    # each rank its share of the cores, as Lightning's launcher gives the processes it starts: ranks that
+    # each use every core spin against each other at every collective
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     try:
         results = run_jobs(references, out) if rank == 0 else {}
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -76,5 +119,6 @@ def worker(rank: int, world: int, port: int, references: list, jobs: list, out: 
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
+        torch.set_num_threads(threads)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,7 +1,7 @@
 """FSDP2, tensor parallelism, activation checkpointing, Muon on sharded weights and sharded checkpoints
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
-One spawn of 2 processes runs every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
+Two processes, this one and one spawned, run every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
 and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, each with AdamW
 and with Muon (the default experiment's optimizer), some with activation checkpointing; a tp run stopped half
 way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
@@ -20,7 +20,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gptlab import checkpoint
 from gptlab.data import TokenDataModule
@@ -31,7 +30,7 @@ from gptlab.sharded import main as sharded_main
 
 from conftest import SHAKESPEARE, TINY, kill_after_checkpoint, read_scalars
 from inprocess import run_sample, run_train
-from parallel_worker import worker
+from parallel_worker import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +104,7 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, dict]:
         *((f"{name}_{m}", [*BASE, *MODELS[m], *strategy, *NO_CKPT]) for m in PLAIN
           for name, strategy in (("ddp", DDP), ("fsdp2", FSDP2), ("tp", TP))),
     ]
-    mp.spawn(worker, args=(2, free_port(), refs, jobs, str(out)), nprocs=2, join=True)
+    run_ranks(2, free_port(), refs, jobs, out)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -228,7 +227,7 @@ def test_a_2x2_mesh_trains_as_ddp_on_2_processes(runs, tmp_path):
     tensor-parallel ranks. The groups draw the batches of DDP's 2 ranks, so the losses are ddp_llama's."""
     _, r = runs
     job = ("mesh_2x2", [*BASE, *LLAMA, *TP, *AC, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2", *NO_CKPT])
-    mp.spawn(worker, args=(4, free_port(), [], [job], str(tmp_path)), nprocs=4, join=True)
+    run_ranks(4, free_port(), [], [job], tmp_path)
     mesh = json.loads((tmp_path / "results.json").read_text())["mesh_2x2"]
     assert close(mesh["losses"], r["ddp_llama"]["losses"])
 
