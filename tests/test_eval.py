@@ -47,8 +47,9 @@ CHOICE = [{"context": "The sky is ", "choices": ["blue.", "green.", "made of che
 def task_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("eval-tasks")
     (d / "eval").mkdir()
+    # made-up files where the built-in tasks' official ones go: read by path (their sha256 is not the official one)
     write_jsonl(d / "eval" / "hellaswag_val.jsonl", HELLASWAG)
-    write_jsonl(d / "eval" / "lambada_test.jsonl", LAMBADA)  # not lambada's official sha256: a made-up file
+    write_jsonl(d / "eval" / "lambada_test.jsonl", LAMBADA)
     write_jsonl(d / "choice.jsonl", CHOICE)
     return d
 
@@ -200,14 +201,14 @@ def test_char_model_evaluates_through_the_command(tmp_path, task_dir, capsys):
 
     ckpt = char_checkpoint(tmp_path / "char.ckpt")
     out = tmp_path / "out"
-    record = evaluate(eval_config([f"ckpt_path={ckpt}", f"tasks=[hellaswag,{task_dir / 'eval' / 'lambada_test.jsonl'},"
+    record = evaluate(eval_config([f"ckpt_path={ckpt}", f"tasks=[{task_dir / 'eval' / 'hellaswag_val.jsonl'},{task_dir / 'eval' / 'lambada_test.jsonl'},"
                                    f"{task_dir / 'choice.jsonl'}]", f"paths.data_dir={task_dir}", "download=false",
                                    "limit=2", "device=cpu"]), out)
     printed = capsys.readouterr().out
     written = json.loads((out / "eval.json").read_text())
     assert written["results"] == json.loads(json.dumps(record["results"]))
-    assert set(written["results"]) == {"hellaswag", "lambada_test", "choice"}
-    assert written["results"]["hellaswag"]["acc_norm"]["items"] == 2
+    assert set(written["results"]) == {"hellaswag_val", "lambada_test", "choice"}
+    assert written["results"]["hellaswag_val"]["acc_norm"]["items"] == 2
     assert set(written["results"]["lambada_test"]) == {"acc", "perplexity"}
     ppl = written["results"]["lambada_test"]["perplexity"]["value"]
     assert 1 < ppl < float("inf")
@@ -217,8 +218,8 @@ def test_char_model_evaluates_through_the_command(tmp_path, task_dir, capsys):
 
 
 def test_nanogpt_style_scores_the_raw_context_per_token(task_dir):
-    harness = load_task("hellaswag", data_dir=task_dir, fetch=False)
-    nano = load_task("hellaswag", style="nanogpt", data_dir=task_dir, fetch=False)
+    harness = load_task(str(task_dir / "eval" / "hellaswag_val.jsonl"))
+    nano = load_task(str(task_dir / "eval" / "hellaswag_val.jsonl"), style="nanogpt")
     assert harness.items[1].context == "Baking cookies: How to bake cookies. Preheat the oven. Then mix the flour"
     assert harness.items[1].choices[:2] == ["and sugar in a bowl.", "with the eggs."]
     assert nano.items[1].context == "x" and nano.items[1].choices[0] == "and sugar [substeps] in a bowl."
@@ -266,8 +267,9 @@ def test_bad_task_files_name_file_and_line(tmp_path, task_dir):
     with pytest.raises(DataError, match=r"the lambada task file is missing and download=false: download "
                                         r"https://openaipublic.*lambada_test.jsonl and put it at .*data/eval/lambada_test.jsonl"):
         load_task("lambada", data_dir=empty, fetch=False)
-    with pytest.raises(DataError, match="is not the official lambada file"):  # the made-up file fails the sha256
-        load_task("lambada", data_dir=task_dir, fetch=False)
+    for name in ("hellaswag", "lambada"):  # the made-up files fail the sha256
+        with pytest.raises(DataError, match=f"is not the official {name} file"):
+            load_task(name, data_dir=task_dir, fetch=False)
 
 
 def test_command_errors_are_one_line(tmp_path, task_dir, capsys, monkeypatch):
@@ -417,7 +419,8 @@ def test_builtin_task_file_is_downloaded_once_and_checked(http_server, tmp_path,
         load_task("lambada", data_dir=tmp_path / "other")
     assert not (tmp_path / "other" / "eval" / "lambada_test.jsonl").exists()
     # unreachable: one line with the URL to fetch and where to put the file
-    monkeypatch.setitem(BUILTIN, "lambada", Source("http://127.0.0.1:9/lambada_test.jsonl", official.file, "lambada"))
+    monkeypatch.setitem(BUILTIN, "lambada", Source("http://127.0.0.1:9/lambada_test.jsonl", official.file, "lambada",
+                                                                 official.sha256))
     with pytest.raises(DataError, match=r"could not download http://127.0.0.1:9/lambada_test.jsonl .*offline, download "
                                         r"http://127.0.0.1:9/lambada_test.jsonl and put it at .*other/eval/lambada_test.jsonl"):
         load_task("lambada", data_dir=tmp_path / "other")

@@ -13,7 +13,7 @@ then `target_delimiter` (" ") and the choice. The built-in `hellaswag` prepares 
 harness's hellaswag task (activity label, ctx_a + capitalised ctx_b, its bracket clean-up);
 `hellaswag_style=nanogpt` takes build-nanogpt's completion style instead (the raw `ctx`, each ending
 tokenized on its own, acc_norm divided by the ending's token count). Built-in files are downloaded
-once into $GPTLAB_DATA_DIR/eval/ (gptlab.data.download, sha256-checked where the hash is pinned).
+once into $GPTLAB_DATA_DIR/eval/ (gptlab.data.download) and checked against their sha256.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ class Source:
     url: str
     file: str
     format: str
-    sha256: str | None = None  # None: not pinned (the file is used as downloaded)
+    sha256: str
 
 
 BUILTIN = {
     "hellaswag": Source("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
-                        "hellaswag_val.jsonl", "hellaswag"),
+                        "hellaswag_val.jsonl", "hellaswag",
+                        "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
     "lambada": Source("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
                       "lambada_test.jsonl", "lambada",
                       "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"),
@@ -190,13 +191,11 @@ def task_file(name: str, fetch: bool = True, data_dir: str | Path | None = None)
     """The local copy of built-in task `name`'s official file, downloaded on first use."""
     source = BUILTIN[name]
     dest = Path(data_dir or default_data_dir()).expanduser() / "eval" / source.file
-    if dest.is_file() and source.sha256 is None:
-        return dest
     hint = f"download {source.url} and put it at {dest}"
     if not fetch:
         if not dest.is_file():
             raise DataError(f"the {name} task file is missing and download=false: {hint}")
-        if source.sha256 is not None and sha256_file(dest) != source.sha256:
+        if sha256_file(dest) != source.sha256:
             raise DataError(f"{dest} is not the official {name} file (sha256 differs); delete it, or {hint}")
         return dest
     return download(source.url, dest, source.sha256, offline_hint=hint, progress=True)
