@@ -13,6 +13,11 @@ wall clock  A step's time runs from one on_train_batch_start to the next, so it 
 
                 overhead % = (ms/step of the variant / ms/step of `none` - 1) * 100   (median; mean)
 
+            Paired by round (each ABBA round runs every variant once): the overhead of each round's
+            median step against that round's `none`, their mean and its 95% t-interval (the sweep
+            report's statistics). The machine's drift between rounds falls out of the pairs; with
+            short runs and many rounds the interval says whether a 1% difference is resolved at all.
+
 CPU time    One `none` and one `default` run on one thread, with every call of the statistics' own
             code timed by time.process_time: the callbacks' hooks, the forward-pass work on sampled
             steps, and gradient clipping (which computes the norm itself when the statistics do not).
@@ -46,6 +51,8 @@ from typing import Any
 import _common as C
 import lightning as L
 import torch
+
+from gptlab.report.groups import summarize
 
 PRESETS = {
     # name: (overrides, wall-clock steps, warmup, CPU-time steps: multiples of the interval and of logging)
@@ -118,13 +125,25 @@ def measure_wall(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     if not args.tiny:
         run_once(preset, "none", args.data, min(steps, warmup + 2), warmup)  # caches, imports, the prepared corpus
-    for variant in abba(args.rounds, args.variants):
-        times[variant] += run_once(preset, variant, args.data, steps, warmup)
-    out: dict[str, Any] = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "order": abba(args.rounds, args.variants)}
+    order = abba(args.rounds, args.variants)
+    medians = []  # each run's median step, in `order`
+    for variant in order:
+        seconds = run_once(preset, variant, args.data, steps, warmup)
+        times[variant] += seconds
+        medians.append(statistics.median(seconds) * 1e3)
+    out: dict[str, Any] = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "order": order}
     for stat, key in ((statistics.median, ""), (statistics.fmean, "_mean")):
         ms = {v: stat(t) * 1e3 for v, t in times.items()}
         out["ms_per_step" + key] = ms
         out["overhead_pct" + key] = {v: (m / ms["none"] - 1) * 100 for v, m in ms.items() if v != "none"}
+    n = len(args.variants)
+    rounds = [dict(zip(order[i:i + n], medians[i:i + n])) for i in range(0, len(order), n)]
+    out["round_median_ms"] = rounds
+    out["overhead_pct_paired"] = {}
+    for v in args.variants:
+        if v != "none":
+            stat = summarize([(r[v] / r["none"] - 1) * 100 for r in rounds])
+            out["overhead_pct_paired"][v] = {"mean": stat.mean, "low": stat.low, "high": stat.high, "values": stat.values}
     return out
 
 
@@ -183,14 +202,22 @@ def measure_cpu(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def paired(p: dict[str, Any]) -> str:
+    if p["low"] is None:
+        return f"{p['mean']:+.2f}% (1 round: no interval)"
+    return f"{p['mean']:+.2f}% [{p['low']:+.2f}%, {p['high']:+.2f}%]"
+
+
 def report(preset: str, r: dict[str, Any], variants: list[str]) -> None:
     if "wall" in r:
         w = r["wall"]
         rows = [[v, f"{w['ms_per_step'][v]:.2f}", f"{w['ms_per_step_mean'][v]:.2f}"]
-                + (["-", "-"] if v == "none" else [f"{w['overhead_pct'][v]:+.2f}%", f"{w['overhead_pct_mean'][v]:+.2f}%"])
+                + (["-", "-", "-"] if v == "none" else
+                   [f"{w['overhead_pct'][v]:+.2f}%", f"{w['overhead_pct_mean'][v]:+.2f}%", paired(w["overhead_pct_paired"][v])])
                 for v in variants]
         print(f"{preset}, wall clock: {w['steps']} steps x {w['rounds']} rounds per variant, ABBA")
-        print(C.table(["variant", "median ms/step", "mean ms/step", "overhead (median)", "overhead (mean)"], rows))
+        print(C.table(["variant", "median ms/step", "mean ms/step", "overhead (median)", "overhead (mean)",
+                       "overhead (paired by round, 95% interval)"], rows))
     if "cpu" in r:
         c = r["cpu"]
         parts = ", ".join(f"{k} {v * 1e3:.0f} us" for k, v in c["default"]["timed_ms_per_step"].items() if v >= 1e-3)

@@ -71,6 +71,9 @@ def check_health(result, out):
     for key in ("", "_mean"):
         assert set(wall["ms_per_step" + key]) == {"none", "default"} and set(wall["overhead_pct" + key]) == {"default"}
         assert all(v > 0 for v in wall["ms_per_step" + key].values())
+    paired = wall["overhead_pct_paired"]["default"]  # one round: its overhead, no interval
+    assert len(wall["round_median_ms"]) == 1 and paired["low"] is None
+    assert paired["mean"] == pytest.approx(wall["round_median_ms"][0]["default"] / wall["round_median_ms"][0]["none"] * 100 - 100)
     # the CPU-time accounting saw the statistics' hooks (default only) and clipping (both runs)
     assert "TrainingHealth.on_before_optimizer_step" in cpu["default"]["timed_ms_per_step"]
     assert "SpikeGuard.on_before_optimizer_step" not in cpu["none"]["timed_ms_per_step"]
