@@ -221,15 +221,18 @@ def test_bad_parallel_input_is_refused_before_any_process_starts(runs, tmp_path,
 
 
 @pytest.mark.skipif(not os.environ.get("GPTLAB_TEST_MESH"),
-                    reason="set GPTLAB_TEST_MESH=1: 4 processes on a 2 x 2 mesh (a minute of CPU on 2 cores)")
+                    reason="set GPTLAB_TEST_MESH=1: 4 processes on a 2 x 2 mesh (a few minutes of CPU on 2 cores)")
 def test_a_2x2_mesh_trains_as_ddp_on_2_processes(runs, tmp_path):
     """trainer=tp on 4 processes with tensor_parallel_size=2: FSDP2 over 2 data-parallel groups, each of 2
-    tensor-parallel ranks. The groups draw the batches of DDP's 2 ranks, so the losses are ddp_llama's."""
+    tensor-parallel ranks. The groups draw the batches of DDP's 2 ranks, so each model's losses are its
+    ddp job's (the Llama-style model with Muon with activation checkpointing, as there)."""
     _, r = runs
-    job = ("mesh_2x2", [*BASE, *LLAMA, *TP, *AC, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2", *NO_CKPT])
-    run_ranks(4, free_port(), [], [job], tmp_path)
-    mesh = json.loads((tmp_path / "results.json").read_text())["mesh_2x2"]
-    assert close(mesh["losses"], r["ddp_llama"]["losses"])
+    jobs = [(f"mesh_{m}", [*BASE, *model, *(AC if m == "llama" else []), *TP, "trainer.devices=4",
+                           "trainer.strategy.tensor_parallel_size=2", *NO_CKPT]) for m, model in MODELS.items()]
+    run_ranks(4, free_port(), [], jobs, tmp_path)
+    mesh = json.loads((tmp_path / "results.json").read_text())
+    for m in MODELS:
+        assert close(mesh[f"mesh_{m}"]["losses"], r[f"ddp_{m}"]["losses"]), m
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_gradients():
