@@ -1,10 +1,10 @@
 """FSDP2, tensor parallelism, activation checkpointing, Muon on sharded weights and sharded checkpoints
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
-Two processes, this one and one spawned, run every multi-process job in turn (tests/parallel_worker.py): ddp_cpu, fsdp2
-and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm, each with AdamW
-and with Muon (the default experiment's optimizer), some with activation checkpointing; a tp run stopped half
-way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
+Two processes, this one and one spawned, run every multi-process job in turn (tests/parallel_worker.py):
+ddp_cpu, fsdp2 and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm,
+each with AdamW and with Muon (the default experiment's optimizer), some with activation checkpointing; a
+tp run stopped half way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
 reads. float32 throughout: the losses must agree to 1e-5.
 """
