@@ -11,6 +11,7 @@ writes them to <out>/results.json.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -92,7 +93,14 @@ def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) ->
     threading.Thread(target=watch, daemon=True).start()
     try:
         with kept_environ():
-            worker(0, world, port, references, jobs, str(out))
+            try:
+                worker(0, world, port, references, jobs, str(out))
+            except BaseException:
+                for p in others:  # a rank that died is most often why rank 0 failed: say how it ended
+                    p.join(timeout=5)
+                print(f"other ranks' exit codes: {[p.exitcode for p in others]}\n" + "".join(
+                    f.read_text() for f in sorted(out.glob("fault*.txt"))), file=sys.stderr, flush=True)
+                raise
         done.set()  # rank 0 is out of its collectives: a rank failing now fails the test, not this process
         for p in others:
             p.join(timeout=120)
@@ -105,6 +113,8 @@ def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) ->
 
 def worker(rank: int, world: int, port: int, references: list, jobs: list, out: str) -> None:
     out = Path(out)
+    if rank:  # a crash of a spawned rank (a signal, no Python traceback) leaves its native stack here
+        faulthandler.enable(open(out / f"fault{rank}.txt", "w"))
     threads = torch.get_num_threads()
     # each rank its share of the cores, as Lightning's launcher gives the processes it starts: ranks that
     # each use every core spin against each other at every collective
