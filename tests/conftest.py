@@ -80,6 +80,8 @@ def pytest_cmdline_main(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         if getattr(config.option, "dist", "no") == "no":
             config.option.dist = "loadscope"
+            # in the order pytest_collection_modifyitems gives, not xdist's (modules with the most tests first)
+            config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):
