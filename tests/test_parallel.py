@@ -2,7 +2,7 @@
 (gptlab.training.parallel, gptlab.sharded) on CPU processes with gloo.
 
 Two processes, this one and one spawned, run every multi-process job in turn (tests/parallel_worker.py):
-ddp_cpu, fsdp2 and tp for 20 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm,
+ddp_cpu, fsdp2 and tp for 10 steps of the GPT-2 default and of a Llama-style model with GQA and QK-norm,
 each with AdamW and with Muon (the default experiment's optimizer), some with activation checkpointing; a
 tp run stopped half way and a fsdp2 run of train.py SIGKILLed (both processes) after a sharded checkpoint, resumed from
 their sharded checkpoints; and ddp_cpu on a mixture of token shards, recording the windows each rank
@@ -34,7 +34,7 @@ from parallel_worker import run_ranks
 
 pytestmark = pytest.mark.slow
 
-STEPS, HALF = 20, 10
+STEPS, HALF = 10, 5
 BASE = [f"data.path={SHAKESPEARE}", *TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "logger=none", "~callbacks.text_sample", "~callbacks.attention_maps", "~callbacks.throughput",
         "~callbacks.periodic_checkpoint", "~callbacks.lr_monitor", "optim.warmup_steps=2", f"callbacks.health.interval={HALF}"]
@@ -119,7 +119,7 @@ def test_fsdp2_and_tp_losses_equal_ddp_and_one_process(runs, model):
     assert close(r[f"fsdp2_{model}"]["losses"], r[f"ddp_{model}"]["losses"])
     assert close(r[f"tp_{model}"]["losses"], r[f"ref_{model}"]["losses"])
     assert r[f"ddp_{model}"]["losses"] != r[f"ref_{model}"]["losses"]  # DDP saw twice the data
-    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.3  # it learns
+    assert r[f"ref_{model}"]["losses"][-1] < r[f"ref_{model}"]["losses"][0] - 0.1  # it learns
 
 
 def test_health_statistics_under_tp_equal_one_process(runs):
