@@ -196,7 +196,7 @@ def test_ddp_time_budget_gives_every_rank_the_same_schedule(tmp_path, data_dir, 
     run_dir = tmp_path / "run"
     monkeypatch.setenv("PYTHONPATH", PROBE_ENV["PYTHONPATH"])
     assert run_main(train_args(run_dir, "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=-1",
-                               "trainer.max_time={seconds: 4}", "trainer.val_check_interval=100000",
+                               "trainer.max_time={seconds: 2}", "trainer.val_check_interval=100000",
                                "optim.warmup_steps=2", "optim.lr=1e-3", "optim.min_lr=1e-4", *PROBE)) == 0
     ranks = probes(run_dir)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 2  # past the warmup, however loaded the machine

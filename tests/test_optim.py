@@ -129,28 +129,28 @@ def test_a_time_budget_stops_the_run_ends_the_cosine_and_carries_through_a_resum
     common = [f"data.path={SHAKESPEARE}", *TINY, "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2",
               "trainer.max_steps=-1", "trainer.val_check_interval=100000"]
     run_dir = tmp_path / "run"
-    run_train([*common, "trainer.max_time={seconds: 3}"], run_dir)
+    run_train([*common, "trainer.max_time={seconds: 2}"], run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     first = ckpt["global_step"]
-    assert first > 20
+    assert first > 10
     lrs = [v for _, v in read_scalars(run_dir / "tensorboard")["lr/decay"]]
     assert len(lrs) == first
     assert max(lrs) > 9e-4 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # warmup, then only down
     assert lrs[-1] < 1e-4 + 0.05 * 9e-4  # the cosine's end, at the budget's end
     timer = next(v for k, v in ckpt["callbacks"].items() if k.startswith("Timer"))
-    assert 3.0 <= timer["time_elapsed"]["train"] < 10
+    assert 2.0 <= timer["time_elapsed"]["train"] < 10
 
-    run_train([*common, "trainer.max_time={seconds: 6}", "resume=auto"], run_dir)
+    run_train([*common, "trainer.max_time={seconds: 4}", "resume=auto"], run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] > first
     logged = read_scalars(run_dir / "tensorboard")
     assert [s for s, _ in logged["lr/decay"]] == list(range(ckpt["global_step"]))  # one axis, no step twice
     assert [s for s, _ in logged["train/loss"]] == list(range(ckpt["global_step"]))
     lrs = dict(logged["lr/decay"])
-    assert lrs[first] < 0.75 * 1e-3  # the resumed run starts half way through its 6 s, not at the peak
+    assert lrs[first] < 0.75 * 1e-3  # the resumed run starts half way through its 4 s, not at the peak
     assert lrs[ckpt["global_step"] - 1] < 1e-4 + 0.05 * 9e-4
     # a requeue of the finished run: nothing to train, the final metric reported
-    assert run_train([*common, "trainer.max_time={seconds: 6}", "resume=auto"], run_dir) == pytest.approx(
+    assert run_train([*common, "trainer.max_time={seconds: 4}", "resume=auto"], run_dir) == pytest.approx(
         ckpt["gptlab"]["metrics"]["val/loss"])
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == ckpt["global_step"]
 
