@@ -49,7 +49,8 @@ def train_step(model, opt, x, y) -> None:
     opt.step()
 
 
-def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
+def raw_recipe(data_dir: str, steps: int = 2000, shape: dict | None = None) -> dict:
+    """nanoGPT's recipe for `steps` steps; `shape` changes the model's (--tiny: a 2-layer model)."""
     import torch
 
     from gptlab.data import TokenDataModule
@@ -62,7 +63,7 @@ def raw_recipe(data_dir: str, steps: int = 2000) -> dict:
     dm.prepare_data()
     dm.setup()
     torch.manual_seed(1337)
-    model = build_model(dict(vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    model = build_model({**dict(vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, dropout=0.0), **(shape or {})})
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
     which.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
     which.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 20 steps per run")
-    parser.add_argument("--tiny", action="store_true", help="seconds: 3 raw steps, the record and its pos ablation "
+    parser.add_argument("--tiny", action="store_true", help="seconds: 3 raw steps of a 2-layer model, the record and its pos ablation "
                         "for 4 steps each, one seed (checks the code paths; the figures mean nothing)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
@@ -228,7 +229,8 @@ def main(argv=None) -> dict:
 
         def raw(when: str) -> None:
             print(f"[bench] nanoGPT's CPU recipe, raw loop ({when})", flush=True)
-            raws.append({**raw_recipe(data_dir, steps=3 if args.tiny else 20 if args.quick else 2000), "when": when})
+            raws.append({**raw_recipe(data_dir, steps=3 if args.tiny else 20 if args.quick else 2000,
+                                      shape=dict(n_layer=2, n_head=2, n_embd=32) if args.tiny else None), "when": when})
             raws[-1]["name"] += f" ({when})"
             rows.append(raws[-1])
             print(f"[bench]   {raws[-1]['train_s']:.1f}s training: val/loss {raws[-1]['val_loss']:.4f}", flush=True)
