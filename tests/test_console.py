@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from conftest import SHAKESPEARE, TINY
 from gptlab.run.console import job_line, quiet_lightning, summary
@@ -95,5 +96,10 @@ def test_quiet_lightning_keeps_useful_warnings():
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
         warnings.warn("The 'val_dataloader' does not have many workers which may be a bottleneck.", UserWarning)
         warnings.warn("The number of training batches (3) is smaller than the logging interval", UserWarning)
+        sync = ("It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch level in "
+                "distributed setting")
+        for name in ("val/loss/play", "hp/best_val_loss"):  # gptlab reduces these over the ranks itself
+            warnings.warn(sync.format(name), PossibleUserWarning)
+        warnings.warn(sync.format("my/metric"), PossibleUserWarning)  # a user's own metric: worth saying
     assert [str(w.message) for w in caught] == [
-        "The number of training batches (3) is smaller than the logging interval"]
+        "The number of training batches (3) is smaller than the logging interval", sync.format("my/metric")]

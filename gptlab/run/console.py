@@ -41,10 +41,9 @@ def _fmt_seconds(value: float | None) -> str:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Progress in optimizer steps: `step 120/600 |####| 00:31<02:04, loss=1.912, grad_norm=0.41,
-    val/loss=1.954, tok/s=12.3k` (no epochs: training is step-based). The validation bar replaces itself (it is not
-    left behind), and the bar ends its line at the last step, so Lightning's closing
-    "`Trainer.fit` stopped" line starts on a line of its own.
+    """Progress in optimizer steps: `step 120/600 |####| 00:31<02:04, loss=1.912, grad_norm=0.41, val/loss=1.954,
+    tok/s=12.3k` (no epochs: training is step-based). The validation bar replaces itself, and the bar ends its
+    line at the last step, so Lightning's closing "`Trainer.fit` stopped" line starts on a line of its own.
 
     Where stdout is not a terminal (a log file, SLURM, a sweep's captured output) a redrawn bar would
     leave a trail of carriage returns, so it prints one plain line per validation instead:
@@ -199,8 +198,7 @@ class StepProgressBar(TQDMProgressBar):
 # -- Lightning's console noise --------------------------------------------------------------------
 
 _DROPPED_LINES = (
-    # "💡 Tip: For seamless cloud logging ... try installing [litlogger]" and "... [litmodels]":
-    # Lightning's promotion of its cloud services, printed by every Trainer
+    # "💡 Tip: ... try installing [litlogger]" (or [litmodels]): Lightning's cloud promotion, every Trainer
     re.compile(r"^💡 Tip: "),
     # "TPU available: False, using: 0 TPU cores" (and HPU/IPU): accelerators this machine has not;
     # the "GPU available: ..., used: ..." line stays (it says whether the GPU is used)
@@ -208,13 +206,15 @@ _DROPPED_LINES = (
 )
 
 _HARMLESS_WARNINGS = (
-    # torch >= 2.10 deprecates `isinstance(x, LeafSpec)`, which Lightning's _pytree still uses on
-    # every step's outputs; nothing for the user to do (FutureWarning from lightning/pytorch/utilities/_pytree.py)
+    # torch >= 2.10 deprecates `isinstance(x, LeafSpec)`, which Lightning's _pytree still uses on every
+    # step's outputs; nothing for the user to do (from lightning/pytorch/utilities/_pytree.py)
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
-    # "The 'train_dataloader' / 'val_dataloader' does not have many workers which may be a bottleneck":
-    # a batch is a slice of a memory-mapped token file, there is no decoding for workers to do
-    # (data.num_workers can still be raised)
+    # "The 'train_dataloader' does not have many workers ...": a batch is a slice of a memory-mapped token
+    # file, there is no decoding for workers to do (data.num_workers can still be raised)
     (r"The '(train|val)_dataloader' does not have many workers", UserWarning),
+    # under DDP, for val/* and hp/best_val_loss: gptlab reduces those over the ranks itself (torchmetrics,
+    # the strategy's reduce), and sync_dist=True would average them a second time
+    (r"It is recommended to use `self.log\('(val/[^']*|hp/best_val_loss)', \.\.\., sync_dist=True\)`", UserWarning),
 )
 
 
