@@ -5,10 +5,13 @@ Imported by the scripts as a sibling module (`python bench/<name>.py` puts bench
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +57,44 @@ def compose(overrides: Sequence[str]):
             return hydra_compose("train", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def fit_in_process(overrides: Sequence[str], run_dir: str | Path):
+    """gptlab.run.fit.fit on conf/train.yaml with `overrides` as train.py runs it, in this process, writing
+    into run_dir (its checkpoints, its TensorBoard and its log directory); fit's Outcome."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from gptlab.run.fit import fit
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main passes it: the Hydra node lives in HydraConfig
+        cfg.paths.output_dir = cfg.paths.log_dir = str(run_dir)
+    return fit(cfg)
+
+
+def train_py(args: Sequence[str], in_process: bool = False) -> tuple[int, str, str]:
+    """`python train.py <args>` from the repository root: (exit status, stdout, stderr). `in_process` (the
+    --tiny modes): the same run through fit_in_process, into the args' hydra.run.dir, which spares a
+    Python start and its seconds of imports (the end-to-end time then leaves them out)."""
+    if not in_process:
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.returncode, proc.stdout, proc.stderr
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fit_in_process([a for a in args if not a.startswith("hydra.run.dir=")], run_dir)
+    return 0, out.getvalue(), ""
 
 
 def model_config(name: str, **changes: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ last checkpoint), the same ~111k characters of text for every tokenizer.
     python bench/bpb.py                        # 120 s per tokenizer (+ probes, data, evaluation)
     python bench/bpb.py --seconds 300
     python bench/bpb.py --quick                # smoke run: 10 s each
-    python bench/bpb.py --tiny                 # seconds: char only, a 2-layer model, 2 s of training, no probe
+    python bench/bpb.py --tiny                 # seconds: char only, a 2-layer model, 2 s of training in this process
 
 Writes bench/results/bpb.json (or --out).
 """
@@ -40,8 +40,6 @@ import argparse
 import math
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-whole-val", action="store_true", help="skip the whole-validation-split bpb")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s each, 12-step probes")
     p.add_argument("--tiny", action="store_true", help="seconds: char only, 2 layers x 32 channels, 32 bytes of "
-                   "context, no probe, 2 s of training (checks the code paths; the figures mean nothing)")
+                   "context, no probe, 2 s of training, train.py's run in this process (checks the code "
+                   "paths; the figures mean nothing)")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/bpb.json)")
     args = p.parse_args(argv)
@@ -110,12 +109,12 @@ def overrides(data: dict, data_dir: str, block: int, run_dir: Path, model: list[
     ]
 
 
-def train(args: list[str]) -> tuple[str, float]:
+def train(args: list[str], in_process: bool = False) -> tuple[str, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(C.ROOT / "train.py"), *args], cwd=C.ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout, time.perf_counter() - t0
+    code, out, err = C.train_py(args, in_process)
+    if code != 0:
+        raise SystemExit(f"train.py {' '.join(args)} failed ({code}):\n{out[-1500:]}\n{err[-3000:]}")
+    return out, time.perf_counter() - t0
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
@@ -147,14 +146,14 @@ def max_time(seconds: int) -> str:
 
 
 def run(name: str, data: dict, data_dir: str, block: int, step_s: float, seconds: int, work: Path,
-        model: list[str]) -> dict:
+        model: list[str], in_process: bool = False) -> dict:
     decay = max(2, int(0.95 * seconds / step_s))
     warmup = min(WARMUP, decay // 10)
     run_dir = work / name
     out, wall = train(overrides(data, data_dir, block, run_dir, model) + [
         "trainer.max_steps=100000000", f"+trainer.max_time='{max_time(seconds)}'",
         "trainer.val_check_interval=100000000", f"optim.decay_steps={decay}", f"optim.warmup_steps={warmup}",
-    ])
+    ], in_process)
     fit = re.search(r"fit: (\d+) steps in ([0-9.]+)s, of which validation ([0-9.]+)s", out)
     params = re.search(r"with ([0-9,]+) parameters", out)
     steps, fit_s, val_s = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
@@ -220,7 +219,7 @@ def main(argv=None) -> dict:
             # --tiny: no probe run, a schedule of 20 steps over the budget
             step_s = args.seconds / 20 if args.tiny else probe(data, data_dir, block, args.probe_steps,
                                                                work / f"{name}-probe", args.model)
-            row.update(run(name, data, data_dir, block, step_s, args.seconds, work, args.model))
+            row.update(run(name, data, data_dir, block, step_s, args.seconds, work, args.model, in_process=args.tiny))
             row["whole_val_bpb"] = None if args.no_whole_val else whole_val_bpb(row["run_dir"], dm.val_tokens, token_bytes)
             row["train_bytes_per_s"] = row["tokens_per_s"] * row["bytes_per_token"]
             rows.append(row)

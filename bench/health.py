@@ -88,27 +88,11 @@ class StepTimer(L.Callback):
 
 
 def run_once(preset: str, variant: str, data: str, steps: int, warmup: int) -> list[float]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from gptlab.run.fit import fit
-
     overrides = [*PRESETS[preset][0], *VARIANTS[variant], f"data.path={data}", f"trainer.max_steps={steps}",
                  f"trainer.val_check_interval={steps}", "~callbacks.progress_bar",
                  f"+callbacks.zz_timer._target_={__name__}.StepTimer"]
-    with tempfile.TemporaryDirectory() as run_dir:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(C.ROOT / "conf")):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        GlobalHydra.instance().clear()
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-            cfg.paths.output_dir = cfg.paths.log_dir = run_dir
-        with contextlib.redirect_stdout(io.StringIO()):
-            fit(cfg)
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
+        C.fit_in_process(overrides, run_dir)
     return StepTimer.last.step_seconds(warmup)
 
 

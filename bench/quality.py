@@ -18,7 +18,7 @@ is trained twice (two seeds) to show how far apart runs land by chance.
     python bench/quality.py                                   # everything (35-60 minutes on a 2-core CPU)
     python bench/quality.py --experiments shakespeare_char_cpu --no-ablation
     python bench/quality.py --skip-raw --experiments shakespeare_char_cpu_record --ablate pos
-    python bench/quality.py --tiny                            # seconds: the raw loop, the record and its pos ablation
+    python bench/quality.py --tiny                            # seconds, in this process: raw loop, record, pos ablation
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ import argparse
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _common as C
-from _common import ROOT, machine_info, machine_line, table, write_results
+from _common import machine_info, machine_line, table, write_results
 
 
 def train_step(model, opt, x, y) -> None:
@@ -162,21 +160,19 @@ def step_ms(experiment: str, variants: dict[str, list[str]], rounds: int = 8, st
     return {name: {"ms_per_step": statistics.median(times[name])} for name in variants}
 
 
-def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str, ...] = (), label: str | None = None) -> dict:
+def gptlab_experiment(name: str, data_dir: str, out: Path, overrides: tuple[str, ...] = (), label: str | None = None,
+                      in_process: bool = False) -> dict:
     run_dir = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", label or name)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"experiment={name}", f"data.path={C.SHAKESPEARE}",
-         f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar", *overrides],
-        cwd=ROOT, capture_output=True, text=True,
-    )
+    code, stdout, stderr = C.train_py([f"experiment={name}", f"data.path={C.SHAKESPEARE}", f"data.data_dir={data_dir}",
+                                       f"hydra.run.dir={run_dir}", "~callbacks.progress_bar", *overrides], in_process)
     total = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    val = float(re.search(r"final val/loss = ([0-9.]+)", proc.stdout).group(1))
-    fit = re.search(r"fit: (\d+) steps in ([0-9.]+)s, of which validation ([0-9.]+)s", proc.stdout)
+    if code != 0:
+        raise SystemExit(f"{name} {' '.join(overrides)} failed:\n{stderr[-3000:]}")
+    val = float(re.search(r"final val/loss = ([0-9.]+)", stdout).group(1))
+    fit = re.search(r"fit: (\d+) steps in ([0-9.]+)s, of which validation ([0-9.]+)s", stdout)
     steps, fit_s, val_s = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
-    params = int(re.search(r"with ([0-9,]+) parameters", proc.stdout).group(1).replace(",", ""))
+    params = int(re.search(r"with ([0-9,]+) parameters", stdout).group(1).replace(",", ""))
     # the whole validation split, with the weights of the last step
     from gptlab import checkpoint
     from gptlab.checkpoint import model_from_checkpoint
@@ -201,8 +197,9 @@ def main(argv=None) -> dict:
     which.add_argument("--no-ablation", action="store_true", help=f"skip the ablation of {RECORD}")
     which.add_argument("--ablate", default=None, help="only these options (comma-separated model keys, e.g. pos,mlp)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 20 steps per run")
-    parser.add_argument("--tiny", action="store_true", help="seconds: 3 raw steps of a 2-layer model, the record and its pos ablation "
-                        "for 4 steps each, one seed (checks the code paths; the figures mean nothing)")
+    parser.add_argument("--tiny", action="store_true", help="seconds: 3 raw steps of a 2-layer model, the record and "
+                        "its pos ablation for 4 steps each in this process, one seed (checks the code paths; the "
+                        "figures mean nothing)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality.json)")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -248,7 +245,7 @@ def main(argv=None) -> dict:
             record = next((r for r in rows if r["name"] == f"gptlab experiment={RECORD}"), None)
             if record is None:
                 print(f"[bench] experiment={RECORD} (the ablation's reference)", flush=True)
-                record = gptlab_experiment(RECORD, data_dir, Path(tmp), quick)
+                record = gptlab_experiment(RECORD, data_dir, Path(tmp), quick, in_process=args.tiny)
             print(f"[bench] ms/step of {RECORD} and each ablation, side by side", flush=True)
             probe = step_ms(RECORD, {"record": list(TINY_MODEL) if args.tiny else [], **todo},
                             **(dict(rounds=1, steps=2) if args.tiny else {}))
@@ -260,7 +257,7 @@ def main(argv=None) -> dict:
                 steps = round(record["steps"] * probe["record"]["ms_per_step"] / probe[cost]["ms_per_step"])
                 print(f"[bench] {RECORD} {' '.join(overrides)}: {steps} steps", flush=True)
                 row = gptlab_experiment(RECORD, data_dir, Path(tmp), (*quick, *overrides, f"trainer.max_steps={steps}"),
-                                        label=option)
+                                        label=option, in_process=args.tiny)
                 ablated.append({**row, "option": option, "probe_ms_per_step": probe[cost]["ms_per_step"]})
     ref = statistics.mean(r["train_s"] for r in raws) if raws else None
     print(table(

@@ -20,8 +20,8 @@ from conftest import ROOT
 
 BENCH = ROOT / "bench"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
-# the scripts that start train.py (or, memory, two ranks) in subprocesses
-SLOW = {"bpb", "quality", "memory"}
+# the scripts whose tiny mode starts processes (memory: two ranks; bpb and quality run train.py in this process)
+SLOW = {"memory"}
 TINY = {"gpu": ["--tiny"] if torch.cuda.is_available() else ["--tiny", "--device", "cuda"]}
 
 
