@@ -45,8 +45,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def compose(overrides: Sequence[str]):
-    """conf/train.yaml with `overrides`, as `python train.py <overrides>` composes it."""
+def compose(overrides: Sequence[str], hydra_cfg: bool = False):
+    """conf/train.yaml with `overrides`, as `python train.py <overrides>` composes it (hydra_cfg: the Hydra node too)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -54,7 +54,7 @@ def compose(overrides: Sequence[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return hydra_compose("train", overrides=list(overrides))
+            return hydra_compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
     finally:
         GlobalHydra.instance().clear()
 
@@ -62,20 +62,12 @@ def compose(overrides: Sequence[str]):
 def fit_in_process(overrides: Sequence[str], run_dir: str | Path):
     """gptlab.run.fit.fit on conf/train.yaml with `overrides` as train.py runs it, in this process, writing
     into run_dir (its checkpoints, its TensorBoard and its log directory); fit's Outcome."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from gptlab.run.fit import fit
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose(overrides, hydra_cfg=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as @hydra.main passes it: the Hydra node lives in HydraConfig
