@@ -82,7 +82,9 @@ def train_py(args: Sequence[str], in_process: bool = False) -> tuple[int, str, s
     if not in_process:
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True)
         return proc.returncode, proc.stdout, proc.stderr
-    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    if run_dir is None:
+        raise ValueError("train_py(in_process=True) writes into the args' hydra.run.dir=<dir>; none was given")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         fit_in_process([a for a in args if not a.startswith("hydra.run.dir=")], run_dir)

@@ -61,7 +61,8 @@ def raw_recipe(data_dir: str, steps: int = 2000, shape: dict | None = None) -> d
     dm.prepare_data()
     dm.setup()
     torch.manual_seed(1337)
-    model = build_model({**dict(vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, dropout=0.0), **(shape or {})})
+    model = build_model({"vocab_size": 65, "block_size": T, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0,
+                         **(shape or {})})
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

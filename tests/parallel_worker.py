@@ -69,6 +69,11 @@ def run_jobs(jobs: list[tuple[str, list[str]]], out: Path) -> dict:
     return results
 
 
+def reports(out: Path) -> str:
+    """What the spawned ranks left: their Python tracebacks, and the native stacks of those killed by a signal."""
+    return "".join(f.read_text() for f in sorted([*out.glob("error*.txt"), *out.glob("fault*.txt")]))
+
+
 def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) -> None:
     """`worker` on `world` ranks: rank 0 in this process, the others spawned (one fresh Python fewer to
     import torch and Lightning). As Lightning's launcher does, a rank that fails kills this process:
@@ -85,9 +90,8 @@ def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) ->
         while not done.wait(1):
             failed = [p for p in others if p.exitcode not in (None, 0)]
             if failed:
-                errors = "".join(f.read_text() for f in sorted(out.glob("error*.txt")))
-                print(f"rank(s) exited with {[p.exitcode for p in failed]}; killing rank 0 (this process)\n{errors}",
-                      file=sys.stderr, flush=True)
+                print(f"rank(s) exited with {[p.exitcode for p in failed]}; killing rank 0 (this process)\n"
+                      f"{reports(out)}", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -98,8 +102,8 @@ def run_ranks(world: int, port: int, references: list, jobs: list, out: Path) ->
             except BaseException:
                 for p in others:  # a rank that died is most often why rank 0 failed: say how it ended
                     p.join(timeout=5)
-                print(f"other ranks' exit codes: {[p.exitcode for p in others]}\n" + "".join(
-                    f.read_text() for f in sorted(out.glob("fault*.txt"))), file=sys.stderr, flush=True)
+                print(f"other ranks' exit codes: {[p.exitcode for p in others]}\n{reports(out)}", file=sys.stderr,
+                      flush=True)
                 raise
         done.set()  # rank 0 is out of its collectives: a rank failing now fails the test, not this process
         for p in others:
